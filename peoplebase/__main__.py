@@ -1,0 +1,3 @@
+from peoplebase.cli import main
+
+main()

@@ -1,0 +1,310 @@
+"""The ASGI application: routes, lifespan, and the glue between wire, records and the writer.
+
+A plain ASGI callable (no framework) keeps the ingestion hot path short. Routes:
+
+    /engage, /engage/ (any path prefix)      ingestion, GET/POST/OPTIONS, CORS
+    /track /import /decide /flags /record    answered 200 `0` (events are not stored here)
+    /groups                                  answered 200 `0` (group profiles are not stored yet)
+    /api/query/engage, /api/2.0/engage       the Engage query API (Basic auth)
+    /healthz                                 200 once ready
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .geo import Geolocator, GeoLookup
+from .outcomes import JSON, Outcome, Response, error_response, render
+from .query.api import QueryAPI
+from .records import Validator
+from .settings import Settings
+from .store import ProfileStore, open_store
+from .store.base import StoreUnavailable
+from .types import Params, Rejection, Update
+from .wire import RequestTooLarge, TooManyRecords, parse_form, parse_request, valid_callback
+from .writer import Overloaded, Writer, WriterStopped
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+EVENT_ROUTES = frozenset({"track", "import", "decide", "flags", "record", "groups"})
+QUERY_ROUTES = frozenset({"/api/query/engage", "/api/2.0/engage"})
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class PeoplebaseApp:
+    def __init__(
+        self, settings: Settings, store: ProfileStore | None = None, geo: GeoLookup | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store or open_store(
+            settings.db,
+            synchronous=settings.synchronous,
+            reorder_window=settings.reorder_window,
+            max_properties=settings.max_properties,
+            open_tokens=settings.tokens_open,
+        )
+        self.writer = Writer(self.store, settings.queue_records, settings.group_records)
+        self.validator = Validator(
+            time_skew=settings.time_skew,
+            max_record_bytes=settings.max_record_bytes,
+            token_known=None if settings.tokens_open else self._token_known,
+            geo=Geolocator(geo) if geo is not None else None,
+        )
+        self.ready = False
+        self._known_tokens: dict[str, float] = {}  # token -> when it was last checked
+        self.query_api = QueryAPI(self)
+        self.counters = {"events_ignored": 0, "records_rejected": 0, "records_valid": 0}
+
+    # --- lifespan -------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        self.store.open()
+        self.writer.start()
+        self.ready = True
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.writer.stop()
+        self.store.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.startup)
+                except Exception as exc:
+                    log.error("cannot start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- routing --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        trimmed = path.rstrip("/") or "/"
+        last = trimmed.rsplit("/", 1)[-1]
+        if trimmed in QUERY_ROUTES:
+            response = await self.query_api.handle(scope, receive)
+            await _send(send, response, None)
+            return
+        ingest = not trimmed.startswith("/api/") and (last == "engage" or last in EVENT_ROUTES)
+        if ingest:
+            origin = header(scope, b"origin")
+            if method == "OPTIONS":
+                await _send(send, _preflight(scope), origin)
+            elif method not in ("GET", "POST"):
+                await _send(
+                    send, error_response(405, "use GET or POST", "Method Not Allowed"), origin
+                )
+            elif last == "engage":
+                await _send(send, await self._engage(scope, receive), origin)
+            else:
+                await _send(send, await self._events(scope, receive, last), origin)
+            return
+        if trimmed == "/healthz":
+            if self.ready:
+                body = orjson.dumps(
+                    {
+                        "status": "ok",
+                        "version": __version__,
+                        "queued_records": self.writer.queued_records,
+                    }
+                )
+                await _send(send, Response(200, body), None)
+            else:
+                await _send(send, error_response(503, "starting", "Service Unavailable", 1), None)
+            return
+        await _send(send, error_response(404, f"no route for {path}", "Not Found"), None)
+
+    # --- ingestion ------------------------------------------------------------------------
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge()
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _events(self, scope: Scope, receive: Receive, route: str) -> Response:
+        try:
+            await self._read_body(scope, receive)
+        except BodyTooLarge:
+            return too_large(self.settings.max_body_bytes)
+        self.counters["events_ignored"] += 1
+        fields = parse_form(scope.get("query_string", b"").decode("latin-1"))
+        verbose = fields.get("verbose", "0") not in ("", "0")
+        what = (
+            "group profiles are not stored here yet"
+            if route == "groups"
+            else "events are not stored here"
+        )
+        if verbose:
+            message = f"{what}; send only engage and groups to Peoplebase"
+            return Response(200, orjson.dumps({"status": 0, "error": message}))
+        return Response(200, b"0", b"text/plain; charset=utf-8")
+
+    async def _engage(self, scope: Scope, receive: Receive) -> Response:
+        settings = self.settings
+        now = time.time()
+        try:
+            body = await self._read_body(scope, receive)
+            payload = parse_request(
+                scope["method"],
+                scope.get("query_string", b""),
+                header(scope, b"content-type") or "",
+                header(scope, b"content-encoding") or "",
+                body,
+                settings.max_body_bytes,
+                settings.max_records,
+            )
+        except (BodyTooLarge, RequestTooLarge):
+            return too_large(settings.max_body_bytes)
+        except TooManyRecords as exc:
+            return error_response(400, str(exc), "Bad Request")
+        params = payload.params
+        if (
+            params.callback is not None
+            and not params.strict
+            and not valid_callback(params.callback)
+        ):
+            return error_response(
+                400, "callback, must be a JavaScript identifier such as mixpanel.cb", "Bad Request"
+            )
+        outcome = Outcome(data_error=payload.error)
+        if payload.records is None:
+            return render(params, outcome)
+        request_ip = _client_ip(scope) if params.ip != "0" else None
+        check_size = payload.size > settings.max_record_bytes
+        validate = self.validator.validate
+        valid: list[Update] = []
+        for index, raw in enumerate(payload.records):
+            result = validate(raw, index, now, check_size, request_ip)
+            if isinstance(result, Rejection):
+                outcome.rejections.append(result)
+            else:
+                valid.append(result)
+        self.counters["records_rejected"] += len(outcome.rejections)
+        if valid:
+            try:
+                applied = await self.writer.submit(valid)
+            except (Overloaded, WriterStopped):
+                return _unavailable("the write queue is full; retry later", settings.retry_after)
+            except StoreUnavailable:
+                return _unavailable(
+                    "storage cannot accept writes right now; retry later", settings.retry_after
+                )
+            self.counters["records_valid"] += len(valid)
+            outcome.valid = len(valid)
+            if params.strict:
+                for u in valid:
+                    outcome.distinct_ids[u.index] = u.distinct_id
+                    skips = list(u.skips) + applied.skips.get(u.index, [])
+                    if skips:
+                        outcome.skips[u.index] = skips
+        return render(params, outcome)
+
+    def _token_known(self, token: str) -> bool:
+        """Closed mode: is this token a project? Positive answers are cached."""
+        if token in self._known_tokens:
+            return True
+        if self.store.project_by_token(token) is not None:
+            self._known_tokens[token] = time.time()
+            return True
+        return False
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _client_ip(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def too_large(limit: int) -> Response:
+    response = error_response(
+        413, f"request exceeds max limit of {limit} bytes", "Request Entity Too Large"
+    )
+    response.headers.append((b"connection", b"close"))
+    return response
+
+
+def _unavailable(message: str, retry_after: int) -> Response:
+    return error_response(503, message, "Service Unavailable", retry_after)
+
+
+def _preflight(scope: Scope) -> Response:
+    requested = header(scope, b"access-control-request-headers") or "content-type"
+    return Response(
+        200,
+        b"",
+        b"text/plain; charset=utf-8",
+        [
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", requested.encode("latin-1")),
+            (b"access-control-max-age", b"86400"),
+        ],
+    )
+
+
+async def _send(send: Send, response: Response, origin: str | None) -> None:
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        NOSNIFF,
+        *response.headers,
+    ]
+    if origin is not None:
+        headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
+        headers.append((b"access-control-allow-credentials", b"true"))
+        headers.append((b"vary", b"Origin"))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+__all__ = ["PeoplebaseApp", "Params", "JSON"]

@@ -1,0 +1,322 @@
+"""Ordering: the stored profile is the fold of its accepted updates sorted by ($time, arrival).
+
+(SPEC §4.) Each profile keeps a materialized state, an append-only log of the updates within
+the reorder window, a base snapshot the log starts from, and a tombstone time. An update in
+`$time` order is applied directly; a late one is inserted into the log and the profile is
+replayed from the base; one older than the window is applied on top and recorded at the
+newest time. A `$delete` purges the log up to its time and leaves a tombstone.
+
+The merger works on any `MergeBackend`: the SQLite and PostgreSQL stores implement the few
+primitives it needs inside their write transaction, and `MemoryBackend` is the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from .ops import apply_update
+from .types import Applied, Props, Skip, Update
+
+Key = tuple[int, str]  # (project id, distinct_id)
+NEVER = -math.inf
+
+
+@dataclass(slots=True)
+class ProfileRow:
+    props: Props | None = None  # materialized profile; None = does not exist
+    last_time: float = NEVER  # newest recorded $time applied
+    base: Props | None = None  # state before the oldest log entry
+    tomb: float | None = None  # time of the newest $delete
+    log_min: float | None = None  # time of the oldest log entry; None = empty log
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class LogEntry:
+    time: float
+    seq: int
+    update: Update
+    dedup: int | None = None
+    request: int = -1  # request number within the group; -1 = from an earlier group
+    stored: bool = True  # already in the backend's log
+
+
+def encode_update(update: Update) -> bytes:
+    body: dict[str, Any] = {"o": update.ops}
+    if update.ignore_time:
+        body["i"] = 1
+    if update.geo:
+        body["g"] = update.geo
+    return orjson.dumps(body)
+
+
+def decode_update(body: bytes | str, time: float, distinct_id: str = "") -> Update:
+    data = orjson.loads(body)
+    return Update(
+        index=0,
+        token="",
+        distinct_id=distinct_id,
+        time=time,
+        explicit_time=False,
+        ignore_time=bool(data.get("i")),
+        ops=data["o"],
+        geo=data.get("g"),
+    )
+
+
+class MergeBackend(Protocol):
+    """The storage primitives the merger needs, all inside one write transaction."""
+
+    def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]: ...
+
+    def next_seq(self, count: int) -> int: ...
+
+    def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]: ...
+
+    def load_log(self, key: Key) -> list[LogEntry]: ...
+
+    def delete_log(self, key: Key, before: float, inclusive: bool) -> None: ...
+
+    def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None: ...
+
+    def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None: ...
+
+
+def fold(
+    base: Props | None,
+    entries: Iterable[LogEntry],
+    max_properties: int,
+    watch_seq: int | None = None,
+    skips: list[Skip] | None = None,
+) -> Props | None:
+    """Replay log entries in (time, seq) order on top of a base state."""
+    props = dict(base) if base is not None else None
+    for entry in sorted(entries, key=lambda e: (e.time, e.seq)):
+        entry.update.time = entry.time
+        props = apply_update(
+            props,
+            entry.update,
+            max_properties,
+            skips if entry.seq == watch_seq else None,
+            in_place=props is not None,
+        )
+    return props
+
+
+@dataclass
+class _Profile:
+    key: Key
+    row: ProfileRow
+    log: list[LogEntry] | None = None  # loaded log + new entries, once needed
+    new: list[LogEntry] = field(default_factory=list)
+    purge_upto: float | None = None  # delete stored log entries with time <= this
+    compact_before: float | None = None  # delete stored log entries with time < this
+
+
+class Merger:
+    def __init__(
+        self,
+        reorder_window: float = 7 * 86400.0,
+        max_properties: int = 2000,
+        open_tokens: bool = True,
+    ) -> None:
+        self.window = reorder_window
+        self.max_properties = max_properties
+        self.open_tokens = open_tokens
+
+    def apply(self, backend: MergeBackend, requests: Sequence[Sequence[Update]]) -> list[Applied]:
+        """Merge the updates of several requests (in arrival order) in one transaction."""
+        results = [Applied() for _ in requests]
+        tokens = {u.token for updates in requests for u in updates}
+        pids = backend.project_ids(tokens, create=self.open_tokens)
+        grouped: dict[Key, list[tuple[int, Update]]] = {}
+        count = 0
+        for r, updates in enumerate(requests):
+            for u in updates:
+                pid = pids.get(u.token)
+                if pid is None:
+                    continue
+                grouped.setdefault((pid, u.distinct_id), []).append((r, u))
+                count += 1
+        if not grouped:
+            return results
+        seq = backend.next_seq(count)
+        rows = backend.load_profiles(list(grouped))
+        touched: list[_Profile] = []
+        for key, items in grouped.items():
+            prof = _Profile(key, rows.get(key) or ProfileRow())
+            for r, u in items:
+                self._one(backend, prof, r, u, seq, results[r])
+                seq += 1
+            self._maybe_compact(backend, prof)
+            touched.append(prof)
+        self._write(backend, touched)
+        return results
+
+    # --- one update ------------------------------------------------------------------------
+
+    def _log(self, backend: MergeBackend, prof: _Profile) -> list[LogEntry]:
+        if prof.log is None:
+            stored = backend.load_log(prof.key) if prof.row.log_min is not None else []
+            if prof.purge_upto is not None:
+                stored = [e for e in stored if e.time > prof.purge_upto]
+            prof.log = stored + prof.new
+        return prof.log
+
+    def _append(self, prof: _Profile, entry: LogEntry) -> None:
+        prof.new.append(entry)
+        if prof.log is not None:
+            prof.log.append(entry)
+        row = prof.row
+        row.log_min = entry.time if row.log_min is None else min(row.log_min, entry.time)
+
+    def _one(
+        self, backend: MergeBackend, prof: _Profile, r: int, u: Update, seq: int, result: Applied
+    ) -> None:
+        row = prof.row
+        t = u.time
+        if row.tomb is not None and t <= row.tomb:
+            result.dropped += 1
+            return
+        if u.dedup is not None and t <= row.last_time and self._is_retry(backend, prof, r, u):
+            result.dropped += 1
+            return
+        beyond = row.last_time != NEVER and t < row.last_time - self.window
+        if beyond:
+            t = row.last_time
+            result.beyond_window += 1
+        row.dirty = True
+        if u.is_delete:
+            self._delete(backend, prof, t)
+            return
+        entry = LogEntry(t, seq, u, u.dedup, r, stored=False)
+        skips: list[Skip] = []
+        if t >= row.last_time:
+            u.time = t
+            row.props = apply_update(row.props, u, self.max_properties, skips, in_place=True)
+            self._append(prof, entry)
+            row.last_time = t
+        else:
+            log = self._log(backend, prof)
+            self._append(prof, entry)
+            row.props = fold(row.base, log, self.max_properties, seq, skips)
+            result.late += 1
+        if skips:
+            result.skips.setdefault(u.index, []).extend(skips)
+
+    def _is_retry(self, backend: MergeBackend, prof: _Profile, r: int, u: Update) -> bool:
+        for entry in self._log(backend, prof):
+            if entry.dedup == u.dedup and entry.request != r:
+                return True
+        return False
+
+    def _delete(self, backend: MergeBackend, prof: _Profile, t: float) -> None:
+        row = prof.row
+        log = self._log(backend, prof)
+        remaining = [e for e in log if e.time > t]
+        prof.log = remaining
+        prof.new = [e for e in prof.new if e.time > t]
+        prof.purge_upto = t if prof.purge_upto is None else max(prof.purge_upto, t)
+        row.tomb = t
+        row.base = None
+        row.props = fold(None, remaining, self.max_properties)
+        row.log_min = min((e.time for e in remaining), default=None)
+        row.last_time = max(row.last_time, t)
+
+    def _maybe_compact(self, backend: MergeBackend, prof: _Profile) -> None:
+        """Fold log entries older than the window into the base (with hysteresis)."""
+        row = prof.row
+        if row.log_min is None or row.log_min >= row.last_time - 1.5 * self.window:
+            return
+        cutoff = row.last_time - self.window
+        log = self._log(backend, prof)
+        old = [e for e in log if e.time < cutoff]
+        row.base = fold(row.base, old, self.max_properties)
+        prof.log = [e for e in log if e.time >= cutoff]
+        prof.new = [e for e in prof.new if e.time >= cutoff]
+        prof.compact_before = cutoff
+        row.log_min = min((e.time for e in prof.log), default=None)
+        row.dirty = True
+
+    def _write(self, backend: MergeBackend, touched: list[_Profile]) -> None:
+        for prof in touched:
+            if prof.purge_upto is not None:
+                backend.delete_log(prof.key, prof.purge_upto, inclusive=True)
+            if prof.compact_before is not None:
+                backend.delete_log(prof.key, prof.compact_before, inclusive=False)
+            if prof.new:
+                backend.insert_log(prof.key, prof.new)
+        backend.save_profiles([(p.key, p.row) for p in touched if p.row.dirty])
+
+
+class MemoryBackend:
+    """The reference backend: plain dicts, no durability. Used by tests and as a model."""
+
+    def __init__(self) -> None:
+        self.projects: dict[str, int] = {}
+        self.rows: dict[Key, ProfileRow] = {}
+        self.logs: dict[Key, list[tuple[float, int, bytes, int | None]]] = {}
+        self.seq = 0
+
+    def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
+        out = {}
+        for token in tokens:
+            if token not in self.projects and create:
+                self.projects[token] = len(self.projects) + 1
+            if token in self.projects:
+                out[token] = self.projects[token]
+        return out
+
+    def next_seq(self, count: int) -> int:
+        start = self.seq + 1
+        self.seq += count
+        return start
+
+    def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]:
+        out = {}
+        for key in keys:
+            row = self.rows.get(key)
+            if row is not None:
+                out[key] = ProfileRow(
+                    props=orjson.loads(orjson.dumps(row.props)) if row.props is not None else None,
+                    last_time=row.last_time,
+                    base=orjson.loads(orjson.dumps(row.base)) if row.base is not None else None,
+                    tomb=row.tomb,
+                    log_min=row.log_min,
+                )
+        return out
+
+    def load_log(self, key: Key) -> list[LogEntry]:
+        return [
+            LogEntry(t, s, decode_update(body, t, key[1]), d)
+            for t, s, body, d in sorted(self.logs.get(key, []), key=lambda e: (e[0], e[1]))
+        ]
+
+    def delete_log(self, key: Key, before: float, inclusive: bool) -> None:
+        entries = self.logs.get(key, [])
+        self.logs[key] = [e for e in entries if (e[0] > before if inclusive else e[0] >= before)]
+
+    def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
+        self.logs.setdefault(key, []).extend(
+            (e.time, e.seq, encode_update(e.update), e.dedup) for e in entries
+        )
+
+    def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None:
+        for key, row in rows:
+            self.rows[key] = ProfileRow(
+                props=orjson.loads(orjson.dumps(row.props)) if row.props is not None else None,
+                last_time=row.last_time,
+                base=orjson.loads(orjson.dumps(row.base)) if row.base is not None else None,
+                tomb=row.tomb,
+                log_min=row.log_min,
+            )
+
+    def profile(self, token: str, distinct_id: str) -> Props | None:
+        pid = self.projects.get(token)
+        row = self.rows.get((pid, distinct_id)) if pid is not None else None
+        return row.props if row is not None else None

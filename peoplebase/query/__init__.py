@@ -1,0 +1,1 @@
+"""The read side: the Engage query API."""

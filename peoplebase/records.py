@@ -1,0 +1,246 @@
+"""Raw update record (a decoded JSON object) → validated `Update` or `Rejection` (SPEC §2, §6).
+
+Everything a record can get wrong is decided here, before anything is stored: the envelope
+(`$token`, `$distinct_id`, `$time`), the operations and their value types, and the size
+limits. Keys that cannot be kept are skipped and reported; they never invalidate the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .types import KNOWN_OPS, OP_ORDER, Rejection, Skip, Update
+from .values import (
+    MAX_NAME_CHARS,
+    ValueTooLarge,
+    clean_number,
+    composite_too_large,
+    is_number,
+    sanitize,
+    sanitize_property,
+    truncate_name,
+)
+
+MAX_DISTINCT_ID_CHARS = 255
+MS_THRESHOLD = 1e11
+RESERVED_IN_SET = frozenset({"$ip", "$ignore_time"})
+_DECIMAL = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+_NUMERIC = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
+
+OPS_HELP = (
+    "no operation: expected one of $set, $set_once, $add, $union, $append, $remove, $unset, $delete"
+)
+
+
+def truthy(value: Any) -> bool:
+    """Flags are true for true, 1, "true" and "1" (SPEC §2)."""
+    if value is True:
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == 1
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return False
+
+
+def parse_time(value: Any) -> float | None:
+    """`$time` → seconds since the epoch; None when it is not a usable time."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if not _NUMERIC.match(value):
+            return None
+        value = float(value)
+    if not isinstance(value, int | float):
+        return None
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        return None
+    if abs(t) >= MS_THRESHOLD:
+        t /= 1000.0
+    return t
+
+
+def distinct_id_of(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if is_number(value):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return str(int(value))
+        return str(value)
+    return None
+
+
+def record_identity(raw: dict[str, Any]) -> int:
+    """A stable 63-bit identity of a whole record, for recognising retries."""
+    digest = hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+class Validator:
+    """Validates records of one server; `token_known` answers for closed mode (None: open)."""
+
+    def __init__(
+        self,
+        time_skew: float = 60.0,
+        max_record_bytes: int = 1_000_000,
+        token_known: Callable[[str], bool] | None = None,
+        geo: Callable[[dict[str, Any], str | None], dict[str, Any] | None] | None = None,
+    ) -> None:
+        self.time_skew = time_skew
+        self.max_record_bytes = max_record_bytes
+        self.token_known = token_known
+        self.geo = geo
+
+    def validate(
+        self,
+        raw: Any,
+        index: int,
+        now: float,
+        check_size: bool = False,
+        request_ip: str | None = None,
+    ) -> Update | Rejection:
+        if not isinstance(raw, dict):
+            return Rejection(index, None, "record", "must be a JSON object")
+        did = distinct_id_of(raw.get("$distinct_id"))
+        token = raw.get("$token")
+        if not isinstance(token, str) or not token:
+            return Rejection(index, did, "$token", "missing or empty")
+        if did is None or did == "":
+            return Rejection(index, did, "$distinct_id", "missing or empty")
+        if len(did) > MAX_DISTINCT_ID_CHARS:
+            return Rejection(
+                index, did[:64], "$distinct_id", f"longer than {MAX_DISTINCT_ID_CHARS} characters"
+            )
+        if check_size and len(orjson.dumps(raw)) > self.max_record_bytes:
+            return Rejection(index, did, "record", f"larger than {self.max_record_bytes} bytes")
+        if self.token_known is not None and not self.token_known(token):
+            return Rejection(index, did, "$token", "unknown project")
+
+        raw_time = raw.get("$time")
+        explicit = raw_time is not None
+        if explicit:
+            parsed = parse_time(raw_time)
+            if parsed is None:
+                return Rejection(
+                    index,
+                    did,
+                    "$time",
+                    "must be a number of seconds or milliseconds since the epoch",
+                )
+            t = now if parsed > now + self.time_skew else parsed
+        else:
+            t = now
+
+        present = [op for op in OP_ORDER if op in raw]
+        if "$delete" in raw:
+            if present:
+                return Rejection(index, did, "$delete", "cannot be combined with other operations")
+            ops: dict[str, Any] = {"$delete": True}
+            skips: list[Skip] = []
+        else:
+            if not present:
+                return Rejection(index, did, "record", OPS_HELP)
+            ops = {}
+            skips = []
+            for op in present:
+                result = _CHECKERS[op](raw[op], skips)
+                if isinstance(result, str):
+                    return Rejection(index, did, op, result)
+                ops[op] = result
+
+        update = Update(
+            index=index,
+            token=token,
+            distinct_id=did,
+            time=t,
+            explicit_time=explicit,
+            ignore_time=truthy(raw.get("$ignore_time")),
+            ops=ops,
+            received=now,
+            skips=skips,
+        )
+        if explicit:
+            update.dedup = record_identity(raw)
+        if self.geo is not None and ("$set" in ops or "$set_once" in ops):
+            update.geo = self.geo(raw, request_ip)
+        return update
+
+
+# --- per-operation checks: return the sanitized value, or an error message (str) -----------
+
+
+def _props(op: str, value: Any, skips: list[Skip], convert: Callable[[str, Any], Any]) -> Any:
+    if not isinstance(value, dict):
+        return "must be an object"
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        key = truncate_name(name) if len(name) > MAX_NAME_CHARS else name
+        try:
+            out[key] = convert(key, item)
+        except ValueTooLarge as exc:
+            skips.append(Skip(f"{op}.{key}", str(exc)))
+    return out
+
+
+class _Reserved(ValueTooLarge):
+    pass
+
+
+def _settable(op: str) -> Callable[[Any, list[Skip]], Any]:
+    def convert(name: str, item: Any) -> Any:
+        if name in RESERVED_IN_SET:
+            raise _Reserved(f"reserved: send {name} at the top level of the record")
+        return sanitize_property(item)
+
+    return lambda value, skips: _props(op, value, skips, convert)
+
+
+def _add_value(name: str, item: Any) -> int | float:
+    if is_number(item):
+        return clean_number(item)
+    if isinstance(item, str) and _DECIMAL.match(item):
+        text = item.strip()
+        number = float(text) if ("." in text) else int(text)
+        return clean_number(number)
+    raise ValueTooLarge("not a number")
+
+
+def _union_value(name: str, item: Any) -> list[Any]:
+    items = item if isinstance(item, list) else [item]
+    clean = sanitize(items)
+    if composite_too_large(clean):
+        raise ValueTooLarge("list or object values are limited to 262144 bytes")
+    return list(clean)
+
+
+def _check_unset(value: Any, skips: list[Skip]) -> Any:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return "must be a list of property names"
+    names = []
+    for i, name in enumerate(value):
+        if isinstance(name, str):
+            names.append(truncate_name(name))
+        else:
+            skips.append(Skip(f"$unset[{i}]", "property names must be strings"))
+    return names
+
+
+_CHECKERS: dict[str, Callable[[Any, list[Skip]], Any]] = {
+    "$set": _settable("$set"),
+    "$set_once": _settable("$set_once"),
+    "$add": lambda v, s: _props("$add", v, s, _add_value),
+    "$union": lambda v, s: _props("$union", v, s, _union_value),
+    "$append": lambda v, s: _props("$append", v, s, lambda n, i: sanitize_property(i)),
+    "$remove": lambda v, s: _props("$remove", v, s, lambda n, i: sanitize(i)),
+    "$unset": _check_unset,
+}
+assert set(_CHECKERS) | {"$delete"} == KNOWN_OPS

@@ -1,0 +1,115 @@
+"""Every tunable of Peoplebase, in one table.
+
+Each `Setting` becomes a `peoplebase serve` flag (`--reorder-window`), a `PEOPLEBASE_*`
+environment variable (`PEOPLEBASE_REORDER_WINDOW`) and a row in `docs/settings.md`; a test
+checks that the three agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "PEOPLEBASE_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", "Address to listen on."),
+    Setting("port", 8000, "TCP port to listen on."),
+    Setting("db", "./peoplebase.db", "Database: a SQLite file path."),
+    Setting(
+        "tokens",
+        "auto",
+        "Unknown project tokens: 'open' creates the project on first sight, 'closed' rejects "
+        "the record. 'auto' means open on a loopback address, closed otherwise.",
+        ("auto", "open", "closed"),
+    ),
+    Setting(
+        "synchronous",
+        "full",
+        "SQLite durability: 'full' fsyncs every commit before answering (a 200 survives power "
+        "loss); 'normal' may lose the last commits on power loss (not on a process crash).",
+        ("full", "normal"),
+    ),
+    Setting(
+        "reorder_window",
+        7 * 86400.0,
+        "Seconds of $time within which late updates are re-ordered into place; older ones "
+        "are applied on top and counted.",
+    ),
+    Setting(
+        "time_skew", 60.0, "Seconds a $time may lie in the future before it is clamped to now."
+    ),
+    Setting("max_records", 2000, "Records per ingestion request; more is rejected with 400."),
+    Setting("max_body_bytes", 10 * 1024 * 1024, "Request body limit, after decompression (413)."),
+    Setting(
+        "max_record_bytes", 1_000_000, "Size limit of one update record (the record is invalid)."
+    ),
+    Setting("max_properties", 2000, "Properties per profile; additions beyond it are skipped."),
+    Setting(
+        "queue_records",
+        200_000,
+        "Records waiting for the writer; past it, ingestion answers 503 with Retry-After.",
+    ),
+    Setting("group_records", 20_000, "Most records one group commit takes from the queue."),
+    Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
+    Setting("page_size", 1000, "Profiles per page of /api/query/engage."),
+    Setting("max_distinct_ids", 2000, "Most distinct_ids one query may name."),
+    Setting("log_level", "info", "Log level.", ("debug", "info", "warning", "error")),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "./peoplebase.db"
+    tokens: str = "auto"
+    synchronous: str = "full"
+    reorder_window: float = 7 * 86400.0
+    time_skew: float = 60.0
+    max_records: int = 2000
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_record_bytes: int = 1_000_000
+    max_properties: int = 2000
+    queue_records: int = 200_000
+    group_records: int = 20_000
+    retry_after: int = 1
+    page_size: int = 1000
+    max_distinct_ids: int = 2000
+    log_level: str = "info"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def tokens_open(self) -> bool:
+        if self.tokens == "auto":
+            return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        return self.tokens == "open"
+
+
+def _check_table() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    table = {s.name: s.default for s in SETTINGS}
+    assert fields == table, "Settings dataclass and SETTINGS table disagree"
+
+
+_check_table()

@@ -1,0 +1,147 @@
+"""Group commit: one writer thread takes every request waiting in the queue, merges them in one
+transaction, and answers each only after that transaction is durably committed.
+
+The queue is bounded by records: `submit` raises `Overloaded` instead of letting it grow,
+and the HTTP layer turns that into 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .store.base import ProfileStore, StoreUnavailable
+from .types import Applied, Update
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The write queue is full."""
+
+
+class WriterStopped(Exception):
+    """The writer is shutting down and takes no new work."""
+
+
+@dataclass(slots=True)
+class _Job:
+    updates: Sequence[Update]
+    future: asyncio.Future[Applied]
+    loop: asyncio.AbstractEventLoop
+
+
+class Writer:
+    def __init__(
+        self, store: ProfileStore, max_queued_records: int = 200_000, group_records: int = 20_000
+    ) -> None:
+        self.store = store
+        self.max_queued = max_queued_records
+        self.group_records = group_records
+        self._queue: deque[_Job] = deque()
+        self._queued_records = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="peoplebase-writer", daemon=True)
+        self.commits = 0
+        self.failed_commits = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queued_records(self) -> int:
+        return self._queued_records
+
+    def submit(self, updates: Sequence[Update]) -> asyncio.Future[Applied]:
+        """Queue one request's updates; the future resolves after the commit."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Applied] = loop.create_future()
+        n = len(updates)
+        with self._cond:
+            if self._stopping:
+                raise WriterStopped()
+            if self._queued_records and self._queued_records + n > self.max_queued:
+                raise Overloaded()
+            self._queue.append(_Job(updates, future, loop))
+            self._queued_records += n
+            self._cond.notify()
+        return future
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish everything queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            jobs: list[_Job] = []
+            records = 0
+            while self._queue and (
+                not jobs or records + len(self._queue[0].updates) <= self.group_records
+            ):
+                job = self._queue.popleft()
+                jobs.append(job)
+                records += len(job.updates)
+            self._queued_records -= records
+            return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        try:
+            results = self.store.write_group([j.updates for j in jobs])
+            self.commits += 1
+        except StoreUnavailable as exc:
+            self.failed_commits += 1
+            log.error("storage cannot commit, answering 503: %s", exc)
+            _resolve([(j, None, StoreUnavailable(str(exc))) for j in jobs])
+            return
+        except Exception as exc:  # a bug must fail only the request that triggers it
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._commit([job])
+                return
+            self.failed_commits += 1
+            log.exception("write failed")
+            _resolve([(jobs[0], None, exc)])
+            return
+        _resolve([(j, r, None) for j, r in zip(jobs, results, strict=True)])
+
+
+def _resolve(outcomes: list[tuple[_Job, Applied | None, BaseException | None]]) -> None:
+    by_loop: dict[
+        asyncio.AbstractEventLoop, list[tuple[_Job, Applied | None, BaseException | None]]
+    ] = {}
+    for item in outcomes:
+        by_loop.setdefault(item[0].loop, []).append(item)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            pass
+
+
+def _settle(items: list[tuple[_Job, Applied | None, BaseException | None]]) -> None:
+    for job, result, exc in items:
+        if job.future.done():
+            continue
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)  # type: ignore[arg-type]
