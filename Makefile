@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# apt-get needs root: use sudo when not root
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .PHONY: install run test test-deps lint bench chromium node clean
 
@@ -24,14 +26,18 @@ run: install
 node: node_modules/.installed
 
 node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing Debian nodejs and npm"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
 	npm ci --no-audit --no-fund
 	@touch $@
 
 ## Debian's Chromium for the browser tests (they fail, never skip, without it)
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x /usr/bin/chromium || { \
 	  echo "installing Debian chromium"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+	@test -x /usr/bin/chromium || { echo "error: /usr/bin/chromium could not be installed" >&2; exit 1; }
 
 test-deps: install node chromium
 

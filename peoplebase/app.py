@@ -6,6 +6,7 @@ A plain ASGI callable (no framework) keeps the ingestion hot path short. Routes:
     /track /import /decide /flags /record    answered 200 `0` (events are not stored here)
     /groups                                  answered 200 `0` (group profiles are not stored yet)
     /api/query/engage, /api/2.0/engage       the Engage query API (Basic auth)
+    /api/query/export                        streaming export, NDJSON or CSV (Basic auth)
     /healthz                                 200 once ready
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +22,9 @@ from typing import Any
 import orjson
 
 from . import __version__
+from .clientip import ClientAddress
 from .geo import Geolocator, GeoLookup
+from .geo_providers import open_geo
 from .outcomes import JSON, Outcome, Response, error_response, render
 from .query.api import QueryAPI
 from .records import Validator
@@ -28,7 +32,15 @@ from .settings import Settings
 from .store import ProfileStore, open_store
 from .store.base import StoreUnavailable
 from .types import Params, Rejection, Update
-from .wire import RequestTooLarge, TooManyRecords, parse_form, parse_request, valid_callback
+from .ui.web import WebUI
+from .wire import (
+    RequestTooLarge,
+    TooManyRecords,
+    parse_form,
+    parse_params,
+    parse_request,
+    valid_callback,
+)
 from .writer import Overloaded, Writer, WriterStopped
 
 log = logging.getLogger(__name__)
@@ -39,6 +51,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 EVENT_ROUTES = frozenset({"track", "import", "decide", "flags", "record", "groups"})
 QUERY_ROUTES = frozenset({"/api/query/engage", "/api/2.0/engage"})
+EXPORT_ROUTE = "/api/query/export"
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
@@ -59,15 +72,20 @@ class PeoplebaseApp:
             open_tokens=settings.tokens_open,
         )
         self.writer = Writer(self.store, settings.queue_records, settings.group_records)
+        # Geolocation (docs/geolocation.md): the given lookup, else the one `geoip_db` names.
+        self.client_address = ClientAddress(settings.trusted_proxies)
+        self.geo_lookup: GeoLookup | None = geo if geo is not None else open_geo(settings.geoip_db)
+        log.info("geolocation: %s", getattr(self.geo_lookup, "description", "off"))
         self.validator = Validator(
             time_skew=settings.time_skew,
             max_record_bytes=settings.max_record_bytes,
             token_known=None if settings.tokens_open else self._token_known,
-            geo=Geolocator(geo) if geo is not None else None,
+            geo=Geolocator(self.geo_lookup) if self.geo_lookup is not None else None,
         )
         self.ready = False
         self._known_tokens: dict[str, float] = {}  # token -> when it was last checked
         self.query_api = QueryAPI(self)
+        self.web = WebUI(self)
         self.counters = {"events_ignored": 0, "records_rejected": 0, "records_valid": 0}
 
     # --- lifespan -------------------------------------------------------------------------
@@ -92,11 +110,30 @@ class PeoplebaseApp:
                     log.error("cannot start: %s", exc)
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self._watch_sighup(True)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self._watch_sighup(False)
                 await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def reload_geo(self) -> None:
+        """Re-read the geolocation database file (SIGHUP)."""
+        reload = getattr(self.geo_lookup, "reload", None)
+        if reload is not None:
+            log.info("geolocation: SIGHUP, re-reading the database")
+            reload()
+
+    def _watch_sighup(self, on: bool) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            if on:
+                loop.add_signal_handler(signal.SIGHUP, self.reload_geo)
+            else:
+                loop.remove_signal_handler(signal.SIGHUP)
+        except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+            pass  # no SIGHUP here (Windows), or not the main thread: the mtime check remains
 
     # --- routing --------------------------------------------------------------------------
 
@@ -111,6 +148,11 @@ class PeoplebaseApp:
         method: str = scope["method"]
         trimmed = path.rstrip("/") or "/"
         last = trimmed.rsplit("/", 1)[-1]
+        if trimmed == EXPORT_ROUTE:
+            failed = await self.query_api.export(scope, receive, send)
+            if failed is not None:
+                await _send(send, failed, None)
+            return
         if trimmed in QUERY_ROUTES:
             response = await self.query_api.handle(scope, receive)
             await _send(send, response, None)
@@ -128,6 +170,12 @@ class PeoplebaseApp:
                 await _send(send, await self._engage(scope, receive), origin)
             else:
                 await _send(send, await self._events(scope, receive, last), origin)
+            return
+        if trimmed == "/ui" or trimmed.startswith("/ui/"):
+            await _send(send, await self.web.handle(scope, receive), None)
+            return
+        if trimmed == "/":
+            await _send(send, Response(303, b"", b"text/plain", [(b"location", b"/ui/")]), None)
             return
         if trimmed == "/healthz":
             if self.ready:
@@ -168,12 +216,18 @@ class PeoplebaseApp:
 
     async def _events(self, scope: Scope, receive: Receive, route: str) -> Response:
         try:
-            await self._read_body(scope, receive)
+            body = await self._read_body(scope, receive)
         except BodyTooLarge:
             return too_large(self.settings.max_body_bytes)
         self.counters["events_ignored"] += 1
-        fields = parse_form(scope.get("query_string", b"").decode("latin-1"))
-        verbose = fields.get("verbose", "0") not in ("", "0")
+        fields: dict[str, str] = {}
+        try:
+            fields.update(parse_form(scope.get("query_string", b"").decode("latin-1")))
+            if body and body.lstrip()[:1] not in (b"[", b"{"):
+                fields.update(parse_form(body.decode("utf-8")))  # verbose=1 may be in the body
+        except (ValueError, UnicodeError):
+            pass
+        verbose = parse_params(fields).verbose
         what = (
             "group profiles are not stored here yet"
             if route == "groups"
@@ -214,7 +268,11 @@ class PeoplebaseApp:
         outcome = Outcome(data_error=payload.error)
         if payload.records is None:
             return render(params, outcome)
-        request_ip = _client_ip(scope) if params.ip != "0" else None
+        request_ip = (
+            self.client_address.resolve(_client_ip(scope), scope["headers"])
+            if params.ip != "0" and self.geo_lookup is not None
+            else None
+        )
         check_size = payload.size > settings.max_record_bytes
         validate = self.validator.validate
         valid: list[Update] = []
@@ -224,7 +282,8 @@ class PeoplebaseApp:
                 outcome.rejections.append(result)
             else:
                 valid.append(result)
-        self.counters["records_rejected"] += len(outcome.rejections)
+        if outcome.rejections:
+            self._count_rejections(payload.records, outcome.rejections)
         if valid:
             try:
                 applied = await self.writer.submit(valid)
@@ -243,6 +302,14 @@ class PeoplebaseApp:
                     if skips:
                         outcome.skips[u.index] = skips
         return render(params, outcome)
+
+    def _count_rejections(self, records: list[Any], rejections: list[Rejection]) -> None:
+        self.counters["records_rejected"] += len(rejections)
+        for r in rejections:
+            raw = records[r.index]
+            token = raw.get("$token") if isinstance(raw, dict) else None
+            if isinstance(token, str) and token:
+                self.writer.count(token, f"rejected: {r.error}")
 
     def _token_known(self, token: str) -> bool:
         """Closed mode: is this token a project? Positive answers are cached."""

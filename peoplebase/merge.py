@@ -180,10 +180,15 @@ class Merger:
     ) -> None:
         row = prof.row
         t = u.time
-        if row.tomb is not None and t <= row.tomb:
+        # Deletion is final for the past; an update with the same $time that arrives after the
+        # delete comes after it in ($time, arrival) order and builds a new profile.
+        if row.tomb is not None and t < row.tomb:
             result.dropped += 1
             return
-        if u.dedup is not None and t <= row.last_time and self._is_retry(backend, prof, r, u):
+        # A retry repeats an accepted record, so its $time is not newer than the profile's
+        # newest, unless it was clamped from the future: then its time moved on with the clock.
+        maybe_retry = t <= row.last_time or u.clamped
+        if u.dedup is not None and maybe_retry and self._is_retry(backend, prof, r, u):
             result.dropped += 1
             return
         beyond = row.last_time != NEVER and t < row.last_time - self.window

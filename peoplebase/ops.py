@@ -6,6 +6,7 @@ validated update; the ordering of updates is the business of `merge.py`.
 
 from __future__ import annotations
 
+import functools
 import time as _time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,13 @@ DEFAULT_MAX_PROPERTIES = 2000
 
 def format_time(t: float) -> str:
     """`$last_seen` format: YYYY-MM-DDTHH:MM:SS, UTC."""
-    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(int(t // 1)))
+    return _format_second(int(t // 1))
+
+
+@functools.lru_cache(maxsize=8192)
+def _format_second(second: int) -> str:
+    # replays format the same few seconds over and over: strftime is the costly part
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second))
 
 
 class _Target:
@@ -37,7 +44,8 @@ class _Target:
 
     def put(self, op: str, name: str, value: Any) -> None:
         props = self.props
-        if name not in props and len(props) >= self.max_properties:
+        # $last_seen is derived (SPEC §5), not one of the properties the limit counts
+        if name not in props and len(props) - ("$last_seen" in props) >= self.max_properties:
             self.skip(f"{op}.{name}", f"profile already has {self.max_properties} properties")
             return
         props[name] = value

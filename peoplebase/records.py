@@ -134,7 +134,8 @@ class Validator:
                     "$time",
                     "must be a number of seconds or milliseconds since the epoch",
                 )
-            t = now if parsed > now + self.time_skew else parsed
+            clamped = parsed > now + self.time_skew
+            t = now if clamped else parsed
         else:
             t = now
 
@@ -168,6 +169,7 @@ class Validator:
         )
         if explicit:
             update.dedup = record_identity(raw)
+            update.clamped = clamped
         if self.geo is not None and ("$set" in ops or "$set_once" in ops):
             update.geo = self.geo(raw, request_ip)
         return update

@@ -70,7 +70,44 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
     Setting("page_size", 1000, "Profiles per page of /api/query/engage."),
     Setting("max_distinct_ids", 2000, "Most distinct_ids one query may name."),
+    Setting(
+        "query_session_ttl",
+        600.0,
+        "Seconds a /api/query/engage session (its frozen list of matches) stays usable; "
+        "later pages of an older session answer 400 and page 0 must be requested again.",
+    ),
+    Setting(
+        "query_timeout",
+        30.0,
+        "Seconds one query may run before it is stopped (400); 0 for no limit.",
+    ),
+    Setting(
+        "query_concurrency",
+        5,
+        "Queries one project may run at the same time; more answer 429 with Retry-After.",
+    ),
     Setting("log_level", "info", "Log level.", ("debug", "info", "warning", "error")),
+    Setting(
+        "session_key",
+        "",
+        "Key that signs the web page's session cookies. Empty: a random key per process (sessions "
+        "end on restart). Set the same value on every node behind one load balancer.",
+    ),
+    Setting(
+        "geoip_db",
+        "",
+        "Geolocation database: the path of a MaxMind-format .mmdb file (GeoLite2-City, "
+        "DB-IP City Lite, ...) for city-level $city/$region/$country_code/$timezone; empty "
+        "for the embedded country-level data ($country_code only); 'off' for none. The file "
+        "is re-read when replaced on disk or on SIGHUP. See docs/geolocation.md.",
+    ),
+    Setting(
+        "trusted_proxies",
+        "",
+        "Comma-separated addresses or CIDR networks of reverse proxies whose X-Forwarded-For "
+        "or Forwarded header gives the client address (e.g. 127.0.0.1,10.0.0.0/8). Empty: "
+        "the socket peer is the client and those headers are ignored.",
+    ),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -94,7 +131,13 @@ class Settings:
     retry_after: int = 1
     page_size: int = 1000
     max_distinct_ids: int = 2000
+    query_session_ttl: float = 600.0
+    query_timeout: float = 30.0
+    query_concurrency: int = 5
     log_level: str = "info"
+    session_key: str = ""
+    geoip_db: str = ""
+    trusted_proxies: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -35,6 +35,7 @@ class Update:
     received: float = 0.0  # when the request carrying it arrived
     geo: Props | None = None  # implicit $set resolved at ingestion
     dedup: int | None = None  # identity of a record with an explicit $time
+    clamped: bool = False  # its $time lay in the future and was brought back to now
     skips: list[Skip] = field(default_factory=list)
 
     @property

@@ -54,7 +54,8 @@ def valid_callback(name: str) -> bool:
     """A plain JavaScript identifier path, or exactly what mixpanel-js sends (SPEC §7)."""
     if name == "(function(){})":
         return True
-    return len(name) <= MAX_CALLBACK_CHARS and _CALLBACK.match(name) is not None
+    # fullmatch: `$` alone would also accept a trailing newline
+    return len(name) <= MAX_CALLBACK_CHARS and _CALLBACK.fullmatch(name) is not None
 
 
 def _flag(value: str | None) -> bool:

@@ -49,6 +49,13 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="peoplebase-writer", daemon=True)
         self.commits = 0
         self.failed_commits = 0
+        self._counts: dict[tuple[str, str], int] = {}  # (token, outcome) -> records, not yet stored
+
+    def count(self, token: str, outcome: str, n: int = 1) -> None:
+        """Count records by outcome for the overview; stored with the next commit."""
+        with self._cond:
+            key = (token, outcome)
+            self._counts[key] = self._counts.get(key, 0) + n
 
     def start(self) -> None:
         self._thread.start()
@@ -82,9 +89,12 @@ class Writer:
     def _take(self) -> list[_Job] | None:
         with self._cond:
             while not self._queue:
-                if self._stopping:
+                if self._stopping and not self._counts:
                     return None
-                self._cond.wait()
+                if self._counts and (self._stopping or not self._cond.wait(2.0)):
+                    return []  # nothing to write but counts: store them on their own
+                if not self._counts:
+                    self._cond.wait()
             jobs: list[_Job] = []
             records = 0
             while self._queue and (
@@ -103,16 +113,24 @@ class Writer:
                 return
             self._commit(jobs)
 
+    def _take_counts(self) -> dict[tuple[str, str], int]:
+        with self._cond:
+            counts, self._counts = self._counts, {}
+        return counts
+
     def _commit(self, jobs: list[_Job]) -> None:
+        counts = self._take_counts()
         try:
-            results = self.store.write_group([j.updates for j in jobs])
+            results = self.store.write_group([j.updates for j in jobs], counts)
             self.commits += 1
         except StoreUnavailable as exc:
             self.failed_commits += 1
             log.error("storage cannot commit, answering 503: %s", exc)
             _resolve([(j, None, StoreUnavailable(str(exc))) for j in jobs])
+            self._restore_counts(counts)
             return
         except Exception as exc:  # a bug must fail only the request that triggers it
+            self._restore_counts(counts)
             if len(jobs) > 1:
                 for job in jobs:
                     self._commit([job])
@@ -122,6 +140,11 @@ class Writer:
             _resolve([(jobs[0], None, exc)])
             return
         _resolve([(j, r, None) for j, r in zip(jobs, results, strict=True)])
+
+
+    def _restore_counts(self, counts: dict[tuple[str, str], int]) -> None:
+        for (token, outcome), n in counts.items():
+            self.count(token, outcome, n)
 
 
 def _resolve(outcomes: list[tuple[_Job, Applied | None, BaseException | None]]) -> None:

@@ -49,9 +49,141 @@ class AppClient:
         return {"Authorization": "Basic " + base64.b64encode(f"{secret}:".encode()).decode()}
 
 
+# --- storage backends -----------------------------------------------------------------------
+#
+# Tests that take `db_url` (directly, or through `settings`/`client`) run on SQLite; a module or
+# test marked `all_backends` runs once per backend: SQLite and PostgreSQL. Each PostgreSQL test
+# gets a fresh database cloned from a template that has the migrations applied (fast: no DDL
+# per test). The server is PEOPLEBASE_TEST_PG (default:
+# the machine's PostgreSQL on 127.0.0.1:5432, trust auth). It must be up: these tests never skip.
+# Databases are named pbtest_<pid>_<n>.
+
+BACKENDS = ("sqlite", "postgres")
+PG_ADMIN_URL = os.environ.get("PEOPLEBASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_url(dbname: str) -> str:
+    import psycopg
+
+    info = psycopg.conninfo.conninfo_to_dict(PG_ADMIN_URL)
+    info["dbname"] = dbname
+    user = info.get("user", "postgres")
+    host = info.get("host", "127.0.0.1")
+    port = info.get("port", 5432)
+    password = f":{info['password']}" if info.get("password") else ""
+    return f"postgresql://{user}{password}@{host}:{port}/{dbname}"
+
+
+_DROP_DATABASES = """
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    names = [n for (n,) in conn.execute(
+        "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname DESC",
+        (sys.argv[2],))]
+    for name in names:
+        conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+"""
+
+
+class PostgresDatabases:
+    """Creates test databases from one migrated template.
+
+    DROP DATABASE costs a checkpoint (seconds on a busy machine), CREATE DATABASE … TEMPLATE
+    a few milliseconds: the databases of a run are dropped after it, by a detached process,
+    and databases of runs that died are dropped when the next run starts.
+    """
+
+    def __init__(self) -> None:
+        import psycopg
+
+        self.admin = psycopg.connect(PG_ADMIN_URL, autocommit=True)
+        self.prefix = f"pbtest_{os.getpid()}_"
+        self.template = self.prefix + "template"
+        self.count = 0
+        self._forget_dead_runs()
+        self.admin.execute(f'CREATE DATABASE "{self.template}"')
+        from peoplebase.store.postgres import PostgresStore
+
+        PostgresStore(pg_url(self.template)).migrate()
+
+    def _forget_dead_runs(self) -> None:
+        import psycopg
+
+        for (name,) in self.admin.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, 'pbtest_')"
+        ).fetchall():
+            pid = int(name.split("_")[1])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                try:
+                    self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                except psycopg.Error:  # being dropped by that run's own cleanup
+                    pass
+            except PermissionError:
+                pass
+
+    def create(self) -> str:
+        self.count += 1
+        name = f"{self.prefix}{self.count}"
+        self.admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        return name
+
+    def close(self) -> None:
+        self.admin.close()
+        subprocess.run(
+            [
+                "sh",
+                "-c",
+                'nohup "$0" -c "$1" "$2" "$3" >/dev/null 2>&1 &',
+                sys.executable,
+                _DROP_DATABASES,
+                PG_ADMIN_URL,
+                self.prefix,
+            ],
+            check=True,
+        )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "all_backends"
+    ):
+        metafunc.parametrize("backend", BACKENDS)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(db=str(tmp_path / "test.db"), tokens="open")
+def backend() -> str:
+    """The storage backend of this test: 'sqlite', unless the test is marked all_backends."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres_databases() -> Iterator[PostgresDatabases]:
+    databases = PostgresDatabases()
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_databases: PostgresDatabases) -> str:
+    """A fresh, migrated PostgreSQL database for this test."""
+    return pg_url(postgres_databases.create())
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The --db value for this test's backend: a SQLite file, or a fresh PostgreSQL database."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "test.db")
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(db=db_url, tokens="open")
 
 
 @pytest.fixture
@@ -69,24 +201,40 @@ async def client(settings: Settings) -> Iterator[AppClient]:
 class ServerProcess:
     """`peoplebase serve` as a real process on a free port."""
 
-    def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        db: Path | str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.db = db
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra = extra
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = db.with_suffix(".log")
+        self.log_path = log_path or Path(db).with_suffix(".log")  # a PostgreSQL URL needs log_path
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = {**os.environ, **(self.env or {})}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peoplebase", "serve", "--db", str(self.db), "--port", str(self.port), *self.extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "peoplebase",
+                    "serve",
+                    "--db",
+                    str(self.db),
+                    "--port",
+                    str(self.port),
+                    *self.extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -116,7 +264,18 @@ class ServerProcess:
 
     def secret(self, token: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "peoplebase", "projects", "rotate-secret", "--db", str(self.db), "--token", token, "--json"],
+            [
+                sys.executable,
+                "-m",
+                "peoplebase",
+                "projects",
+                "rotate-secret",
+                "--db",
+                str(self.db),
+                "--token",
+                token,
+                "--json",
+            ],
             check=True,
             capture_output=True,
         )

@@ -7,6 +7,17 @@ from .sqlite import SqliteStore
 
 __all__ = ["ProfileStore", "Project", "SqliteStore", "StoreUnavailable", "open_store"]
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(POSTGRES_SCHEMES)
+
 
 def open_store(db: str, **kwargs: object) -> ProfileStore:
+    """A PostgresStore for postgresql:// (or postgres://) URLs, else a SqliteStore on that path."""
+    if is_postgres_url(db):
+        from .postgres import PostgresStore
+
+        return PostgresStore(db, **kwargs)  # type: ignore[arg-type]
     return SqliteStore(db, **kwargs)  # type: ignore[arg-type]

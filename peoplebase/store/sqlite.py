@@ -9,9 +9,12 @@ writer (WAL).
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,20 @@ import apsw
 import orjson
 
 from ..merge import Key, LogEntry, Merger, ProfileRow, decode_update, encode_update
+from ..query.compile import compile_where
+from ..query.where import Node
 from ..types import Applied, Props, Update
 from .base import (
     Project,
+    QuerySession,
+    QueryTimeout,
+    ServiceAccount,
+    SessionExpired,
     StoreUnavailable,
     UnknownProject,
     hash_secret,
     new_secret,
+    secret_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,39 @@ def migrations() -> list[tuple[int, str]]:
         if name.endswith(".sql"):
             out.append((int(name.split("_", 1)[0]), item.read_text()))
     return sorted(out)
+
+
+def outcome_counts(
+    requests: Sequence[Sequence[Update]],
+    results: Sequence[Applied],
+    extra: dict[tuple[str, str], int] | None = None,
+) -> dict[tuple[str, str], int]:
+    """Per-token counts of accepted, late, beyond-window and dropped records."""
+    counts = dict(extra or {})
+    for updates, applied in zip(requests, results, strict=True):
+        if not updates:
+            continue
+        token = updates[0].token
+        if all(u.token == token for u in updates):
+            pairs = [(token, "accepted", len(updates))]
+        else:
+            per: dict[str, int] = {}
+            for u in updates:
+                per[u.token] = per.get(u.token, 0) + 1
+            pairs = [(t, "accepted", n) for t, n in per.items()]
+        for name, n in (
+            ("late", applied.late),
+            ("beyond window", applied.beyond_window),
+            ("dropped", applied.dropped),
+        ):
+            if n:
+                pairs.append((token, name, n))
+        for t, name, n in pairs:
+            counts[(t, name)] = counts.get((t, name), 0) + n
+    return counts
+
+
+_LOAD_CHUNK = 500  # distinct_ids per SELECT when loading a group's profiles
 
 
 def _one(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -103,20 +146,26 @@ class _Backend:
     def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]:
         out: dict[Key, ProfileRow] = {}
         cur = self.conn.cursor()
-        sql = (
-            "SELECT props, last_time, base, tomb, log_min FROM profiles "
-            "WHERE project_id = ? AND distinct_id = ?"
-        )
         loads = orjson.loads
-        for key in keys:
-            for props, last_time, base, tomb, log_min in cur.execute(sql, key):
-                out[key] = ProfileRow(
-                    loads(props) if props is not None else None,
-                    last_time,
-                    loads(base) if base is not None else None,
-                    tomb,
-                    log_min,
+        by_project: dict[int, list[str]] = {}
+        for pid, did in keys:
+            by_project.setdefault(pid, []).append(did)
+        for pid, dids in by_project.items():
+            # one statement per chunk of ids rather than one per profile
+            for start in range(0, len(dids), _LOAD_CHUNK):
+                chunk = dids[start : start + _LOAD_CHUNK]
+                sql = (
+                    "SELECT distinct_id, props, last_time, base, tomb, log_min FROM profiles "  # noqa: S608
+                    f"WHERE project_id = ? AND distinct_id IN ({','.join('?' * len(chunk))})"
                 )
+                for did, props, last_time, base, tomb, log_min in cur.execute(sql, (pid, *chunk)):
+                    out[(pid, did)] = ProfileRow(
+                        loads(props) if props is not None else None,
+                        last_time,
+                        loads(base) if base is not None else None,
+                        tomb,
+                        log_min,
+                    )
         return out
 
     def load_log(self, key: Key) -> list[LogEntry]:
@@ -241,6 +290,14 @@ class SqliteStore:
                 log.info("applied migration %04d to %s", version, self.path)
             return applied
 
+    def _drop_writer(self) -> None:
+        conn, self._write_conn = self._write_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except apsw.Error as exc:
+                log.warning("closing the write connection after a storage fault: %s", exc)
+
     def close(self) -> None:
         if self._write_conn is not None:
             self._write_conn.close()
@@ -252,8 +309,14 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def write_group(self, requests: Sequence[Sequence[Update]]) -> list[Applied]:
-        """Merge the requests in one transaction; raises StoreUnavailable on storage faults."""
+    def write_group(
+        self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
+    ) -> list[Applied]:
+        """Merge the requests in one transaction; raises StoreUnavailable on storage faults.
+
+        `counts` (outcome counts by project token) are stored in the same transaction, with
+        the counts of this group's own outcomes added.
+        """
         conn = self._writer()
         with self._write_lock:
             self._pending_ids = {}
@@ -261,12 +324,16 @@ class SqliteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     results = self.merger.apply(_Backend(self, conn), requests)
+                    self.add_stats(conn, outcome_counts(requests, results, counts), time.time())
                     conn.execute("COMMIT")
                 except BaseException:
                     if not conn.getautocommit():
                         conn.execute("ROLLBACK")
                     raise
             except _UNAVAILABLE as exc:
+                # Reopen on the next commit: a connection that fell back to read-only, or
+                # whose file went bad, would otherwise keep failing after the fault is fixed.
+                self._drop_writer()
                 raise StoreUnavailable(str(exc)) from exc
             self._token_ids.update(self._pending_ids)
             return results
@@ -380,3 +447,318 @@ class SqliteStore:
         return [
             {"time": t, "seq": s, "received": r, **orjson.loads(body)} for t, s, r, body in rows
         ]
+
+    # --- web page -------------------------------------------------------------------------
+
+    def count_profiles(self, project_id: int) -> int:
+        return int(
+            _one(
+                self._reader(),
+                "SELECT count(*) FROM profiles WHERE project_id = ? AND props IS NOT NULL",
+                (project_id,),
+            )
+        )
+
+    def browse_profiles(
+        self,
+        project_id: int,
+        search: str | None = None,
+        where: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[tuple[str, Props]]:
+        """Profiles in distinct_id order after `after` (keyset paging: no count, no offset).
+
+        `search` matches a distinct_id prefix, or `$email` / `$name` exactly. `where` is a
+        query-language expression; a syntax error raises ValueError with its position.
+        """
+        clauses = ["project_id = ?", "props IS NOT NULL"]
+        args: list[Any] = [project_id]
+        if after is not None:
+            clauses.append("distinct_id > ?")
+            args.append(after)
+        if search:
+            clauses.append(
+                "((distinct_id >= ? AND distinct_id < ?) OR json_extract(props, '$.\"$email\"') = ? "
+                "OR json_extract(props, '$.\"$name\"') = ?)"
+            )
+            args += [search, search + "\U0010ffff", search, search]
+        if where:
+            compiled = self.compile_where(where)
+            clauses.append(compiled[0])
+            args += compiled[1]
+        sql = (
+            "SELECT distinct_id, props FROM profiles WHERE "  # noqa: S608 - clauses are constants
+            + " AND ".join(clauses)
+            + " ORDER BY distinct_id LIMIT ?"
+        )
+        args.append(limit)
+        rows = self._reader().execute(sql, args).fetchall()
+        return [(str(did), orjson.loads(props)) for did, props in rows]  # type: ignore[arg-type]
+
+    def compile_where(self, expression: str) -> tuple[str, list[Any]]:
+        """A where expression → (SQL condition over `props`, parameters)."""
+        from ..query import where as where_lang
+
+        compiled = where_lang.compile_expression(expression, "sqlite")
+        return compiled[0], list(compiled[1])
+
+    def property_names(self, project_id: int, sample: int = 500) -> list[str]:
+        """Property names seen in a sample of the project's profiles (for column pickers)."""
+        names: set[str] = set()
+        rows = self._reader().execute(
+            "SELECT props FROM profiles WHERE project_id = ? AND props IS NOT NULL LIMIT ?",
+            (project_id, sample),
+        )
+        for (props,) in rows:
+            names.update(orjson.loads(props))
+        return sorted(names)
+
+    def profile_detail(self, project_id: int, distinct_id: str) -> dict[str, Any] | None:
+        """The materialized profile, its base snapshot, tombstone and update log, read at once."""
+        conn = self._reader()
+        with conn:
+            row = conn.execute(
+                "SELECT props, base, tomb, last_time FROM profiles WHERE project_id = ? AND distinct_id = ?",
+                (project_id, distinct_id),
+            ).fetchone()
+            if row is None:
+                return None
+            entries = []
+            for t, s, received, dedup, body in conn.execute(
+                "SELECT time, seq, received, dedup, body FROM updates WHERE project_id = ? AND distinct_id = ? "
+                "ORDER BY time, seq",
+                (project_id, distinct_id),
+            ):
+                update = decode_update(body, t, distinct_id)
+                update.received = received
+                entries.append(LogEntry(t, s, update, dedup))
+        props, base, tomb, last_time = row  # type: ignore[misc]
+        return {
+            "props": orjson.loads(props) if props is not None else None,
+            "base": orjson.loads(base) if base is not None else None,
+            "tomb": tomb,
+            "last_time": last_time,
+            "log": entries,
+        }
+
+    def stats(self, project_id: int, since: float, bucket: int) -> list[tuple[float, str, int]]:
+        """Outcome counts since `since`, summed into buckets of `bucket` seconds."""
+        rows = self._reader().execute(
+            "SELECT (minute * 60 / ?) * ?, name, sum(count) FROM stats WHERE project_id = ? AND minute >= ? "
+            "GROUP BY 1, 2 ORDER BY 1",
+            (bucket, bucket, project_id, int(since // 60)),
+        )
+        return [(float(b), str(n), int(c)) for b, n, c in rows]
+
+    def add_stats(
+        self, conn: apsw.Connection, counts: dict[tuple[str, str], int], now: float
+    ) -> None:
+        """Add outcome counts (keyed by project token and outcome name) in the open transaction."""
+        if not counts:
+            return
+        minute = int(now // 60)
+        ids = _Backend(self, conn).project_ids({token for token, _ in counts}, create=False)
+        conn.executemany(
+            "INSERT INTO stats (project_id, minute, name, count) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (project_id, minute, name) DO UPDATE SET count = count + excluded.count",
+            [(ids[token], minute, name, n) for (token, name), n in counts.items() if token in ids],
+        )
+
+    # --- the Engage query API, export, service accounts ---------------------------------
+
+    _SESSION_CHUNK = 20_000
+
+    @staticmethod
+    def _where_sql(where: Node | None) -> tuple[str, tuple[Any, ...]]:
+        if where is None:
+            return "1", ()
+        return compile_where(where, "sqlite")
+
+    def start_query_session(
+        self, project_id: int, where: Node | None, ttl: float, timeout: float
+    ) -> QuerySession:
+        now = time.time()
+        self._expire_sessions(now)
+        session_id = secrets.token_urlsafe(18)
+        cond, params = self._where_sql(where)
+        sql = (
+            "SELECT distinct_id FROM profiles WHERE project_id = ? AND props IS NOT NULL "  # noqa: S608
+            f"AND ({cond}) ORDER BY distinct_id"  # cond is compiled SQL; values are bound
+        )
+        reader = self._reader()
+        total = 0
+        chunk: list[tuple[str, int, str]] = []
+        try:
+            with _deadline(reader, timeout), reader:  # one read snapshot
+                for (did,) in reader.execute(sql, (project_id, *params)):
+                    chunk.append((session_id, total, did))
+                    total += 1
+                    if len(chunk) >= self._SESSION_CHUNK:
+                        self._session_write(
+                            "INSERT INTO query_session_ids (session_id, pos, distinct_id) "
+                            "VALUES (?, ?, ?)",
+                            chunk,
+                        )
+                        chunk = []
+            if chunk:
+                self._session_write(
+                    "INSERT INTO query_session_ids (session_id, pos, distinct_id) VALUES (?, ?, ?)",
+                    chunk,
+                )
+            self._session_write(
+                "INSERT INTO query_sessions (id, project_id, total, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(session_id, project_id, total, now, now + ttl)],
+            )
+        except BaseException:
+            if total:
+                self._session_write(
+                    "DELETE FROM query_session_ids WHERE session_id = ?", [(session_id,)]
+                )
+            raise
+        return QuerySession(session_id, project_id, total, now + ttl)
+
+    def _session_write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        conn = self._writer()
+        try:
+            with self._write_lock, conn:
+                conn.executemany(sql, rows)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def _expire_sessions(self, now: float) -> None:
+        expired = (
+            self._reader()
+            .execute("SELECT id FROM query_sessions WHERE expires_at < ?", (now,))
+            .fetchall()
+        )
+        for (session_id,) in expired:
+            self._session_write(
+                "DELETE FROM query_session_ids WHERE session_id = ?", [(session_id,)]
+            )
+            self._session_write("DELETE FROM query_sessions WHERE id = ?", [(session_id,)])
+
+    def session_page(
+        self, session_id: str, project_id: int, offset: int, limit: int
+    ) -> tuple[QuerySession, list[tuple[str, Props | None]]]:
+        conn = self._reader()
+        with conn:  # one read snapshot for the page
+            row = conn.execute(
+                "SELECT id, project_id, total, expires_at FROM query_sessions WHERE id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None or row[1] != project_id or row[3] < time.time():
+                raise SessionExpired(session_id)
+            session = QuerySession(str(row[0]), int(row[1]), int(row[2]), float(row[3]))
+            ids = [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT distinct_id FROM query_session_ids WHERE session_id = ? "
+                    "AND pos >= ? AND pos < ? ORDER BY pos",
+                    (session_id, offset, offset + limit),
+                )
+            ]
+            out: list[tuple[str, Props | None]] = []
+            for did in ids:
+                found = conn.execute(
+                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ?",
+                    (project_id, did),
+                ).fetchone()
+                props = found[0] if found is not None else None
+                out.append((did, orjson.loads(props) if props is not None else None))
+        return session, out
+
+    def iter_profiles(
+        self, project_id: int, where: Node | None, batch: int = 1000, timeout: float = 0.0
+    ) -> Iterator[list[tuple[str, Props]]]:
+        cond, params = self._where_sql(where)
+        sql = (
+            "SELECT distinct_id, props FROM profiles WHERE project_id = ? AND props IS NOT NULL "  # noqa: S608
+            f"AND distinct_id > ? AND ({cond}) ORDER BY distinct_id LIMIT ?"
+        )
+        last = ""
+        while True:
+            conn = self._reader()
+            with _deadline(conn, timeout):
+                rows = conn.execute(sql, (project_id, last, *params, batch)).fetchall()
+            if not rows:
+                return
+            yield [(str(did), orjson.loads(props)) for did, props in rows]  # type: ignore[arg-type]
+            last = str(rows[-1][0])
+
+    def create_service_account(
+        self, name: str, project_ids: Sequence[int]
+    ) -> tuple[ServiceAccount, str]:
+        for pid in project_ids:
+            if self.project_by_id(pid) is None:
+                raise UnknownProject(f"no project with id {pid}")
+        secret = secrets.token_urlsafe(24)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "account"
+        username = f"{slug}.{secrets.token_hex(4)}.pb-service-account"
+        now = time.time()
+        conn = self._writer()
+        with self._write_lock, conn:
+            conn.execute(
+                "INSERT INTO service_accounts (username, name, secret_hash, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (username, name, hash_secret(secret), now),
+            )
+            account_id = conn.last_insert_rowid()
+            conn.executemany(
+                "INSERT OR IGNORE INTO service_account_projects (account_id, project_id) "
+                "VALUES (?, ?)",
+                [(account_id, pid) for pid in project_ids],
+            )
+        account = ServiceAccount(account_id, username, name, tuple(sorted(set(project_ids))), now)
+        return account, secret
+
+    def _account(self, row: Sequence[Any]) -> ServiceAccount:
+        pids = tuple(
+            int(r[0])
+            for r in self._reader().execute(
+                "SELECT project_id FROM service_account_projects WHERE account_id = ? "
+                "ORDER BY project_id",
+                (row[0],),
+            )
+        )
+        return ServiceAccount(int(row[0]), str(row[1]), str(row[2]), pids, float(row[3]))
+
+    def list_service_accounts(self) -> list[ServiceAccount]:
+        rows = (
+            self._reader()
+            .execute("SELECT id, username, name, created_at FROM service_accounts ORDER BY id")
+            .fetchall()
+        )
+        return [self._account(r) for r in rows]
+
+    def service_account(self, username: str, secret: str) -> ServiceAccount | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT id, username, name, created_at, secret_hash FROM service_accounts "
+                "WHERE username = ?",
+                (username,),
+            )
+            .fetchone()
+        )
+        stored = str(row[4]) if row is not None else hash_secret(secrets.token_hex(16))
+        if not secret_matches(secret, stored) or row is None:
+            return None
+        return self._account(row)
+
+
+@contextmanager
+def _deadline(conn: apsw.Connection, timeout: float) -> Iterator[None]:
+    """Interrupt the connection's statements once `timeout` seconds have passed (0: never)."""
+    if timeout <= 0:
+        yield
+        return
+    end = time.monotonic() + timeout
+    conn.setprogresshandler(lambda: time.monotonic() > end, 20_000)
+    try:
+        yield
+    except apsw.InterruptError as exc:
+        raise QueryTimeout(f"the query ran longer than {timeout:g} seconds") from exc
+    finally:
+        conn.setprogresshandler(None)

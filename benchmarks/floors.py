@@ -1,0 +1,144 @@
+"""The two floors every end-to-end figure is compared with.
+
+    python -m benchmarks.floors http --port P
+        The HTTP floor: the same server stack as `peoplebase serve` (same server, event loop
+        and HTTP parser, same configuration) with an application that reads the body and
+        answers `1`, parsing and storing nothing.
+
+    python -m benchmarks.floors storage --db FILE --bodies FILE --group N --warmup-bodies W
+        The storage floor: the same update batches as the end-to-end run, validated
+        beforehand (untimed), applied straight to the store with `write_group` in groups of N
+        records (what group commit hands the store when every connection has a request
+        waiting), on one thread, with durable commits; the first W bodies are applied but not
+        timed. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from peoplebase.records import Validator
+from peoplebase.settings import Settings
+from peoplebase.store.sqlite import SqliteStore
+from peoplebase.types import Rejection, Update
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+async def answer_one(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """ASGI app of the HTTP floor: drain the body, answer `1` with the product's headers."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False) and message["type"] == "http.request"
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"1"), NOSNIFF]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"1"})
+
+
+def serve_http_floor(port: int, host: str = "127.0.0.1") -> None:
+    import uvicorn
+
+    from peoplebase.cli import server_config
+
+    settings = Settings(host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(answer_one, settings)).run()
+
+
+def validated(body: bytes, validator: Validator, now: float) -> list[Update]:
+    out = []
+    for index, raw in enumerate(orjson.loads(body)):
+        result = validator.validate(raw, index, now)
+        if isinstance(result, Rejection):
+            raise ValueError(f"workload record rejected: {result.error}")
+        out.append(result)
+    return out
+
+
+def storage_floor(
+    db: str, bodies: list[bytes], group: int, warmup_bodies: int = 0, synchronous: str = "full"
+) -> dict[str, Any]:
+    """Apply every body, in groups of about `group` records; the first bodies are not timed."""
+    store = SqliteStore(db, synchronous=synchronous)
+    store.open()
+    validator = Validator()
+    spent = 0.0
+    cpu = 0.0
+    records = 0
+    commits = 0
+    position = 0
+    try:
+        while position < len(bodies):
+            now = time.time()
+            requests: list[list[Update]] = []
+            size = 0
+            measured = position >= warmup_bodies
+            limit = len(bodies) if measured else warmup_bodies
+            while position < limit and (not requests or size < group):
+                updates = validated(bodies[position], validator, now)
+                position += 1
+                requests.append(updates)
+                size += len(updates)
+            c0 = time.thread_time()
+            t0 = time.perf_counter()
+            store.write_group(requests)
+            if measured:
+                spent += time.perf_counter() - t0
+                cpu += time.thread_time() - c0
+                records += size
+                commits += 1
+    finally:
+        store.close()
+    return {
+        "records": records,
+        "commits": commits,
+        "window_s": spent,
+        "records_per_s": records / spent if spent else 0.0,
+        "cpu_us_per_record": cpu / records * 1e6 if records else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark floors (HTTP and storage).")
+    sub = p.add_subparsers(dest="floor", required=True)
+    h = sub.add_parser("http")
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, required=True)
+    s = sub.add_parser("storage")
+    s.add_argument("--db", required=True)
+    s.add_argument("--bodies", required=True)
+    s.add_argument("--group", type=int, default=800)
+    s.add_argument("--warmup-bodies", type=int, default=0)
+    s.add_argument("--limit-bodies", type=int, default=0, help="use only the first N bodies")
+    s.add_argument("--synchronous", default="full", choices=("full", "normal"))
+    args = p.parse_args(argv)
+    if args.floor == "http":
+        serve_http_floor(args.port, args.host)
+        return
+    with open(args.bodies, "rb") as f:
+        bodies = [line.rstrip(b"\n") for line in f if line.strip()]
+    if args.limit_bodies:
+        bodies = bodies[: args.limit_bodies]
+    result = storage_floor(args.db, bodies, args.group, args.warmup_bodies, args.synchronous)
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

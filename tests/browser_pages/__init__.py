@@ -1,0 +1,1 @@
+"""Static pages and helper servers for the browser SDK tests."""

@@ -1,0 +1,467 @@
+"""Ordering, retries and deletion (SPEC §4), checked against a simple reference fold.
+
+The reference: keep the updates that arrive while no `$delete` at a later-or-equal `$time` has
+been accepted, sort them by ($time, arrival) and apply `ops.apply_update` one by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peoplebase.merge import Merger, MemoryBackend
+from peoplebase.ops import apply_update, format_time
+from peoplebase.records import Validator
+from peoplebase.types import Applied, Props, Update
+
+T0 = 1_700_000_000
+NOW = float(T0 + 100_000)
+TOKEN = "tok"
+IDS = ("a", "b", "c")
+NAMES = ("p", "q", "l")
+
+Raw = dict[str, Any]
+Groups = list[list[list[Raw]]]  # groups (one merge transaction each) → requests → records
+
+# --- record strategies ------------------------------------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.sampled_from([1.0, 2.5, -0.5]),
+    st.sampled_from(["x", "y", "1"]),
+)
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=3),
+    st.dictionaries(st.sampled_from(["k", "m"]), scalars, max_size=2),
+)
+names = st.sampled_from(NAMES)
+adds = st.one_of(st.integers(-5, 5), st.sampled_from([0.5, -1.5, "2", "-1"]))
+
+OP_STRATEGIES = {
+    "$set": st.dictionaries(names, values, max_size=2),
+    "$set_once": st.dictionaries(names, values, max_size=2),
+    "$add": st.dictionaries(names, adds, min_size=1, max_size=2),
+    "$union": st.dictionaries(names, st.lists(scalars, max_size=3), min_size=1, max_size=2),
+    "$append": st.dictionaries(names, values, min_size=1, max_size=1),
+    "$remove": st.dictionaries(names, scalars, min_size=1, max_size=1),
+    "$unset": st.lists(names, min_size=1, max_size=2),
+}
+
+
+@st.composite
+def record_ops(draw: st.DrawFn) -> Raw:
+    if draw(st.integers(0, 9)) == 0:
+        return {"$delete": ""}
+    chosen = draw(st.lists(st.sampled_from(list(OP_STRATEGIES)), min_size=1, max_size=3))
+    return {op: draw(OP_STRATEGIES[op]) for op in chosen}
+
+
+@st.composite
+def records(
+    draw: st.DrawFn, times: st.SearchStrategy[int], min_size: int = 1, max_size: int = 12
+) -> list[Raw]:
+    """Records on a few profiles, each made unique so that none is a retry of another."""
+    n = draw(st.integers(min_size, max_size))
+    out = []
+    for i in range(n):
+        raw: Raw = {"$token": TOKEN, "$distinct_id": draw(st.sampled_from(IDS)), "nonce": i}
+        raw["$time"] = T0 + draw(times)
+        if draw(st.integers(0, 3)) == 0:
+            raw["$ignore_time"] = True
+        raw.update(draw(record_ops()))
+        out.append(raw)
+    return out
+
+
+@st.composite
+def arrivals(draw: st.DrawFn, recs: list[Raw]) -> Groups:
+    """The records in a random arrival order, split into requests and merge groups."""
+    order = draw(st.permutations(recs))
+    groups: Groups = [[[]]]
+    for i, raw in enumerate(order):
+        if i:
+            cut = draw(st.integers(0, 3))  # 0-1: same request, 2: new request, 3: new group
+            if cut == 3:
+                groups.append([[]])
+            elif cut == 2:
+                groups[-1].append([])
+        groups[-1][-1].append(raw)
+    return groups
+
+
+# --- the reference fold and the ways of running the merger ------------------------------------
+
+VALIDATOR = Validator(time_skew=0.0)
+
+
+def update(raw: Raw, index: int = 0) -> Update:
+    """A fresh Update for a raw record (the merger may change the objects it is given)."""
+    u = VALIDATOR.validate(raw, index, NOW)
+    assert isinstance(u, Update), u
+    return u
+
+
+def flatten(groups: Groups) -> list[Raw]:
+    return [raw for group in groups for request in group for raw in request]
+
+
+def reference(arrived: Sequence[Raw], max_properties: int = 2000) -> dict[str, Props | None]:
+    """Every distinct_id of `arrived` → its profile, by the rule of SPEC §4."""
+    tomb: dict[str, float] = {}
+    accepted: dict[str, list[tuple[float, int, Raw]]] = {did: [] for did in IDS}
+    for i, raw in enumerate(arrived):
+        u = update(raw)
+        if u.time <= tomb.get(u.distinct_id, -math.inf):
+            continue  # deletion is final for the past
+        accepted[u.distinct_id].append((u.time, i, raw))
+        if u.is_delete:
+            tomb[u.distinct_id] = max(u.time, tomb.get(u.distinct_id, -math.inf))
+    out: dict[str, Props | None] = {}
+    for did, items in accepted.items():
+        profile: Props | None = None
+        for _, _, raw in sorted(items, key=lambda item: (item[0], item[1])):
+            profile = apply_update(profile, update(raw), max_properties)
+        out[did] = profile
+    return out
+
+
+def to_updates(group: list[list[Raw]]) -> list[list[Update]]:
+    return [[update(raw, i) for i, raw in enumerate(request)] for request in group]
+
+
+def run_memory(groups: Groups, merger: Merger | None = None) -> tuple[MemoryBackend, list[Applied]]:
+    merger = merger or Merger()
+    backend = MemoryBackend()
+    results: list[Applied] = []
+    for group in groups:
+        results.extend(merger.apply(backend, to_updates(group)))
+    return backend, results
+
+
+def profiles(backend: MemoryBackend) -> dict[str, Props | None]:
+    return {did: backend.profile(TOKEN, did) for did in IDS}
+
+
+# --- any arrival order gives the ($time, arrival) order ---------------------------------------
+
+tied_times = st.integers(0, 5)
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_any_arrival_order_equals_reference(data: st.DataObject) -> None:
+    recs = data.draw(records(tied_times))
+    groups = data.draw(arrivals(recs))
+    backend, _ = run_memory(groups)
+    assert profiles(backend) == reference(flatten(groups))
+
+
+@given(st.data())
+@settings(max_examples=150, deadline=None)
+def test_distinct_times_any_permutation_gives_time_order(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 12))
+    offsets = data.draw(st.lists(st.integers(0, 10_000), min_size=n, max_size=n, unique=True))
+    recs = data.draw(records(st.just(0), min_size=n, max_size=n))
+    for raw, offset in zip(recs, offsets, strict=True):
+        raw["$time"] = T0 + offset
+    groups = data.draw(arrivals(recs))
+    backend, _ = run_memory(groups)
+    in_time_order = sorted(recs, key=lambda raw: raw["$time"])
+    # with distinct times the arrival order does not matter at all
+    assert profiles(backend) == reference(in_time_order)
+    single, _ = run_memory([[in_time_order]])
+    assert profiles(backend) == profiles(single)
+
+
+def test_equal_times_apply_in_arrival_order() -> None:
+    first = {"$token": TOKEN, "$distinct_id": "a", "$time": T0, "$set": {"p": 1}}
+    second = {"$token": TOKEN, "$distinct_id": "a", "$time": T0, "$set": {"p": 2}}
+    later = {"$token": TOKEN, "$distinct_id": "a", "$time": T0 + 1, "$set": {"q": 1}}
+    backend, _ = run_memory([[[later]], [[first, second]]])
+    assert backend.profile(TOKEN, "a") == {"p": 2, "q": 1, "$last_seen": format_time(T0 + 1)}
+    backend, _ = run_memory([[[later], [second]], [[first]]])
+    assert backend.profile(TOKEN, "a") == {"p": 1, "q": 1, "$last_seen": format_time(T0 + 1)}
+
+
+def test_late_update_is_counted_and_replayed() -> None:
+    newer = {"$token": TOKEN, "$distinct_id": "a", "$time": T0 + 10, "$set": {"p": "new"}}
+    older = {"$token": TOKEN, "$distinct_id": "a", "$time": T0, "$set": {"p": "old", "q": 1}}
+    backend, results = run_memory([[[newer]], [[older]]])
+    assert backend.profile(TOKEN, "a") == {"p": "new", "q": 1, "$last_seen": format_time(T0 + 10)}
+    assert results[1].late == 1 and results[1].dropped == 0
+
+
+# --- operation laws ---------------------------------------------------------------------------
+
+profiles_st = st.one_of(st.none(), st.dictionaries(names, values, max_size=3))
+
+
+def _direct(ops: dict[str, Any], time: float = T0) -> Update:
+    return Update(0, TOKEN, "a", time, True, True, ops)
+
+
+@given(profiles_st, st.dictionaries(names, values, max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_set_once_idempotent(profile: Props | None, vals: Props) -> None:
+    once = apply_update(profile, _direct({"$set_once": vals}))
+    assert apply_update(once, _direct({"$set_once": vals})) == once
+
+
+@given(profiles_st, st.dictionaries(names, st.lists(scalars, max_size=4), max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_union_idempotent(profile: Props | None, vals: dict[str, list[Any]]) -> None:
+    u = update({"$token": TOKEN, "$distinct_id": "a", "$union": vals, "$ignore_time": 1})
+    once = apply_update(profile, u)
+    assert apply_update(once, u) == once
+    for name, items in vals.items():  # every element present exactly once if it was added
+        assert once is not None
+        for item in items:
+            assert any(json_eq(item, v) for v in once[name])
+
+
+def json_eq(a: Any, b: Any) -> bool:
+    from peoplebase.values import json_equal
+
+    return json_equal(a, b)
+
+
+exact_numbers = st.one_of(st.integers(-1000, 1000), st.integers(-64, 64).map(lambda n: n / 4))
+
+
+@given(
+    st.dictionaries(names, exact_numbers, max_size=3),
+    st.lists(st.dictionaries(names, exact_numbers, min_size=1, max_size=3), max_size=6),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=150, deadline=None)
+def test_add_commutes(start: Props, deltas: list[dict[str, Any]], rnd: Any) -> None:
+    def run(order: list[dict[str, Any]]) -> Props | None:
+        p: Props | None = dict(start)
+        for d in order:
+            p = apply_update(p, _direct({"$add": d}))
+        return p
+
+    shuffled = list(deltas)
+    rnd.shuffle(shuffled)
+    result = run(deltas)
+    assert result == run(shuffled)
+    assert result is not None
+    for name in NAMES:
+        total = start.get(name, 0) + sum(d.get(name, 0) for d in deltas)
+        if name in start or any(name in d for d in deltas):
+            assert result[name] == total
+
+
+# --- deletion is final for the past -----------------------------------------------------------
+
+
+def rec(t: int, did: str = "a", **ops: Any) -> Raw:
+    raw: Raw = {"$token": TOKEN, "$distinct_id": did, "$time": T0 + t}
+    for name, value in ops.items():
+        raw["$" + name] = value
+    return raw
+
+
+def test_delete_drops_later_arrivals_at_or_before_its_time() -> None:
+    backend, results = run_memory(
+        [
+            [[rec(0, set={"p": 1}), rec(20, set={"q": 1})]],
+            [[rec(10, delete=True)]],
+            [[rec(10, set={"p": 2}), rec(5, add={"n": 1}), rec(-1000, set={"z": 1})]],
+        ]
+    )
+    # the $time 20 update survives the delete at 10; later arrivals at <= 10 are dropped
+    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 20)}
+    assert results[2].dropped == 3
+
+
+def test_delete_then_newer_update_builds_new_profile() -> None:
+    backend, results = run_memory(
+        [
+            [[rec(0, set={"p": 1, "q": 1})]],
+            [[rec(10, delete="")]],
+            [[rec(11, set_once={"p": 2})]],
+        ]
+    )
+    assert backend.profile(TOKEN, "a") == {"p": 2, "$last_seen": format_time(T0 + 11)}
+    assert results[2].dropped == 0
+
+
+def test_delete_is_final_whatever_the_window() -> None:
+    merger = Merger(reorder_window=10.0)
+    backend, results = run_memory(
+        [[[rec(1000, set={"p": 1})]], [[rec(1000, delete=1)]], [[rec(1, set={"old": 1})]]],
+        merger,
+    )
+    assert backend.profile(TOKEN, "a") is None
+    assert results[2].dropped == 1 and results[2].beyond_window == 0
+
+
+def test_delete_purges_log_and_dedup_keys() -> None:
+    backend, _ = run_memory(
+        [[[rec(0, set={"p": 1}), rec(5, set={"p": 2}), rec(30, set={"q": 1})]], [[rec(10, delete=1)]]]
+    )
+    (key,) = backend.rows
+    assert [e[0] for e in backend.logs[key]] == [T0 + 30]
+    assert backend.rows[key].tomb == T0 + 10
+    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 30)}
+
+
+def test_delete_of_missing_profile_creates_nothing() -> None:
+    backend, results = run_memory([[[rec(0, delete=1), rec(0, unset=["p"]), rec(1, remove={"l": 1})]]])
+    assert backend.profile(TOKEN, "a") is None
+    assert results[0].dropped == 1  # the $unset at the delete's own time
+
+
+# --- the reorder window -----------------------------------------------------------------------
+
+
+def test_update_older_than_window_applied_on_top_at_newest_time() -> None:
+    merger = Merger(reorder_window=100.0)
+    backend, results = run_memory(
+        [
+            [[rec(1000, set={"p": "newest"}, add={"n": 1})]],
+            [[rec(500, set={"p": "ancient"}, add={"n": 10})]],  # 500 < 1000 - 100
+            [[rec(950, set={"p": "in window"})]],  # replayed before the ancient one
+        ],
+        merger,
+    )
+    assert results[1].beyond_window == 1 and results[1].late == 0
+    assert results[2].late == 1 and results[2].beyond_window == 0
+    # the ancient update is recorded at 1000, after the 1000 one: replays keep it last
+    assert backend.profile(TOKEN, "a") == {
+        "p": "ancient",
+        "n": 11,
+        "$last_seen": format_time(T0 + 1000),
+    }
+    (key,) = backend.rows
+    assert sorted(e[0] for e in backend.logs[key]) == [T0 + 950, T0 + 1000, T0 + 1000]
+
+
+def test_window_boundary_is_not_beyond() -> None:
+    merger = Merger(reorder_window=100.0)
+    backend, results = run_memory(
+        [[[rec(1000, set={"p": 1})]], [[rec(900, set={"p": 0, "q": 1})]]], merger
+    )
+    assert results[1].beyond_window == 0 and results[1].late == 1
+    assert backend.profile(TOKEN, "a") == {"p": 1, "q": 1, "$last_seen": format_time(T0 + 1000)}
+
+
+WINDOW = 10
+
+
+@st.composite
+def in_window_arrivals(draw: st.DrawFn) -> Groups:
+    """Records over a long span, each arriving at most WINDOW seconds late (never beyond it)."""
+    n = draw(st.integers(5, 40))
+    # about 3 s apart on average: many arrive late, and the span is many windows long
+    times = sorted(draw(st.lists(st.integers(0, 3 * n), min_size=n, max_size=n)))
+    recs = draw(records(st.just(0), min_size=n, max_size=n))
+    delays = draw(st.lists(st.integers(0, WINDOW - 1), min_size=n, max_size=n))
+    for raw, t in zip(recs, times, strict=True):
+        raw["$time"] = T0 + t
+    keyed = sorted(
+        range(len(recs)), key=lambda i: (recs[i]["$time"] + delays[i], recs[i]["nonce"])
+    )
+    order = [recs[i] for i in keyed]
+    groups: Groups = []
+    for raw in order:
+        if not groups or draw(st.integers(0, 2)) == 0:
+            groups.append([[]])
+        groups[-1][-1].append(raw)
+    return groups
+
+
+@given(in_window_arrivals())
+@settings(max_examples=150, deadline=None)
+def test_compaction_keeps_reference_and_bounds_log(groups: Groups) -> None:
+    merger = Merger(reorder_window=float(WINDOW))
+    backend = MemoryBackend()
+    beyond = 0
+    for group in groups:
+        for result in merger.apply(backend, to_updates(group)):
+            beyond += result.beyond_window
+        for key, row in backend.rows.items():
+            times = [e[0] for e in backend.logs.get(key, [])]
+            # compaction with hysteresis: nothing older than 1.5 windows stays in the log
+            assert all(t >= row.last_time - 1.5 * WINDOW for t in times)
+            assert row.log_min == (min(times) if times else None)
+    assert beyond == 0
+    assert profiles(backend) == reference(flatten(groups))
+
+
+# --- retries ----------------------------------------------------------------------------------
+
+
+def test_retry_in_later_request_changes_nothing() -> None:
+    r = rec(0, add={"n": 1}, append={"l": "x"})
+    backend, results = run_memory([[[r]], [[dict(r)]]])
+    assert backend.profile(TOKEN, "a") == {"n": 1, "l": ["x"], "$last_seen": format_time(T0)}
+    assert results[1].dropped == 1
+
+
+def test_retry_in_same_group_later_request_changes_nothing() -> None:
+    r = rec(0, add={"n": 1})
+    backend, results = run_memory([[[r], [dict(r)]]])
+    assert backend.profile(TOKEN, "a") == {"n": 1, "$last_seen": format_time(T0)}
+    assert results[1].dropped == 1
+
+
+def test_retry_after_newer_updates_changes_nothing() -> None:
+    r = rec(0, add={"n": 1})
+    backend, results = run_memory([[[r]], [[rec(50, add={"n": 5})]], [[dict(r)]]])
+    assert backend.profile(TOKEN, "a") == {"n": 6, "$last_seen": format_time(T0 + 50)}
+    assert results[2].dropped == 1 and results[2].late == 0
+
+
+def test_repeat_within_one_request_applies_both() -> None:
+    r = rec(0, add={"n": 1})
+    backend, results = run_memory([[[r, dict(r)]]])
+    assert backend.profile(TOKEN, "a") == {"n": 2, "$last_seen": format_time(T0)}
+    assert results[0].dropped == 0
+    # and a later retry of that whole request changes nothing
+    merger = Merger()
+    merger.apply(backend, to_updates([[r, dict(r)]]))
+    assert backend.profile(TOKEN, "a") == {"n": 2, "$last_seen": format_time(T0)}
+
+
+def test_records_without_time_never_deduplicated() -> None:
+    r = {"$token": TOKEN, "$distinct_id": "a", "$add": {"n": 1}}
+    backend, results = run_memory([[[r]], [[dict(r)]], [[dict(r)], [dict(r)]]])
+    props = backend.profile(TOKEN, "a")
+    assert props is not None and props["n"] == 4
+    assert all(res.dropped == 0 for res in results)
+
+
+def test_near_identical_records_are_not_retries() -> None:
+    backend, results = run_memory(
+        [[[rec(0, add={"n": 1})]], [[rec(0, add={"n": 1}, ignore_time=True)]], [[rec(1, add={"n": 1})]]]
+    )
+    props = backend.profile(TOKEN, "a")
+    assert props is not None and props["n"] == 3
+    assert sum(res.dropped for res in results) == 0
+
+
+@given(st.data())
+@settings(max_examples=100, deadline=None)
+def test_retried_requests_change_nothing(data: st.DataObject) -> None:
+    recs = data.draw(records(tied_times))
+    groups = data.draw(arrivals(recs))
+    backend, _ = run_memory(groups)
+    before = profiles(backend)
+    # every request sent again, in any order: each record is either a recognised retry or
+    # at or before a delete's time, so each is dropped and nothing changes
+    requests = [request for group in groups for request in group]
+    again = data.draw(st.permutations(requests))
+    merger = Merger()
+    for request in again:
+        (result,) = merger.apply(backend, to_updates([request]))
+        assert result.dropped == len(request)
+    assert profiles(backend) == before
