@@ -1,16 +1,16 @@
 """The two floors every end-to-end figure is compared with.
 
-    python -m benchmarks.floors http --port P
-        The HTTP floor: the same server stack as `peoplebase serve` (same server, event loop
-        and HTTP parser, same configuration) with an application that reads the body and
-        answers `1`, parsing and storing nothing.
+python -m benchmarks.floors http --port P
+    The HTTP floor: the same server stack as `peoplebase serve` (same server, event loop
+    and HTTP parser, same configuration) with an application that reads the body and
+    answers `1`, parsing and storing nothing.
 
-    python -m benchmarks.floors storage --db FILE --bodies FILE --group N --warmup-bodies W
-        The storage floor: the same update batches as the end-to-end run, validated
-        beforehand (untimed), applied straight to the store with `write_group` in groups of N
-        records (what group commit hands the store when every connection has a request
-        waiting), on one thread, with durable commits; the first W bodies are applied but not
-        timed. Prints one JSON object.
+python -m benchmarks.floors storage --db FILE --bodies FILE --group N --warmup-bodies W
+    The storage floor: the same update batches as the end-to-end run, validated
+    beforehand (untimed), applied straight to the store with `write_group` in groups of N
+    records (what group commit hands the store when every connection has a request
+    waiting), on one thread, with durable commits; the first W bodies are applied but not
+    timed. Prints one JSON object.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
     python -m benchmarks.loadgen --port 8000 --bodies FILE --concurrency 16 --warmup-bodies 400
     python -m benchmarks.loadgen --port 8000 --bodies FILE --cycle --warmup 2 --duration 10
 
-Each connection sends one request at a time (closed loop), or paces itself when `--rate`
+Connection j sends bodies j, j + C, j + 2C, ... (C connections), so that each profile's updates
+travel through one connection, as from one client (see workload.py). Each connection sends one
+request at a time (closed loop), or paces itself when `--rate`
 (records/s for all connections together) is given. A 503/429 is counted, then the same body is
 sent again after its Retry-After (capped), as the SDKs do. With `--query-secret`, one more
 connection reads single profiles from /api/query/engage at `--query-rate` per second and reports
@@ -104,8 +106,8 @@ class Run:
         self.bodies = bodies
         self.batch = batch
         self.by_count = not args.cycle and args.warmup_bodies >= 0
-        self.next = 0
-        self.wraps = 0
+        self.cursor = list(range(args.concurrency))
+        self.wraps = [0] * args.concurrency
         self.measure_from = math.inf
         self.stop_at = math.inf
         self.finished_at = 0.0
@@ -117,20 +119,23 @@ class Run:
         self.records_sent_ok = 0
         self.errors = 0
 
-    def take(self) -> tuple[int, bytes] | None:
-        if self.by_count and self.next == self.args.warmup_bodies:
-            self.open_window()
-        if self.next >= len(self.bodies) * (self.wraps + 1):
+    def take(self, worker: int) -> tuple[int, bytes] | None:
+        """The next body of this connection: bodies worker, worker + C, worker + 2C, ..."""
+        count = len(self.bodies)
+        concurrency = self.args.concurrency
+        index = self.cursor[worker]
+        if index >= count * (self.wraps[worker] + 1):
             if not self.args.cycle:
                 return None
-            self.wraps += 1
-        index = self.next
-        body = self.bodies[index % len(self.bodies)]
-        self.next += 1
-        if self.wraps and self.args.shift:
+            self.wraps[worker] += 1
+        self.cursor[worker] = index + concurrency
+        if self.by_count and index >= self.args.warmup_bodies:
+            self.open_window()
+        body = self.bodies[index % count]
+        if self.wraps[worker] and self.args.shift:
             # a later pass over the same records: move their $time on, so they are new
             # updates rather than retries of the first pass
-            shift = self.wraps * len(self.bodies) * self.batch
+            shift = self.wraps[worker] * count * self.batch
             records = orjson.loads(body)
             for record in records:
                 record["$time"] += shift
@@ -161,7 +166,7 @@ class Run:
                 if due > now:
                     await asyncio.sleep(due - now)
                 due += interval
-            taken = self.take()
+            taken = self.take(index)
             if taken is None:
                 break
             number, body = taken

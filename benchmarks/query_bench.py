@@ -40,7 +40,23 @@ def load(app: PeoplebaseApp, n: int) -> None:
     batch = []
     start = time.perf_counter()
     for i in range(n):
-        batch.append(v.validate({"$token": "bench", "$distinct_id": f"user-{i:08}", "$time": 1.7e9, "$set": {"plan": PLANS[i % 4], "age": i % 90, "email": f"u{i}@example.com", "cohort": i % 1000}}, len(batch), 1.7e9 + 1))
+        batch.append(
+            v.validate(
+                {
+                    "$token": "bench",
+                    "$distinct_id": f"user-{i:08}",
+                    "$time": 1.7e9,
+                    "$set": {
+                        "plan": PLANS[i % 4],
+                        "age": i % 90,
+                        "email": f"u{i}@example.com",
+                        "cohort": i % 1000,
+                    },
+                },
+                len(batch),
+                1.7e9 + 1,
+            )
+        )
         if len(batch) == 2000:
             store.write_group([batch])  # type: ignore[list-item]
             batch = []
@@ -49,7 +65,9 @@ def load(app: PeoplebaseApp, n: int) -> None:
     print(f"loaded {n} profiles in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
-async def latency(http: httpx.AsyncClient, auth: dict[str, str], data: dict[str, str], runs: int) -> tuple[float, float, int]:
+async def latency(
+    http: httpx.AsyncClient, auth: dict[str, str], data: dict[str, str], runs: int
+) -> tuple[float, float, int]:
     times = []
     total = 0
     for _ in range(runs):
@@ -81,8 +99,16 @@ async def main() -> None:
     rows = []
     async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as http:
         cases = [
-            ("single profile (distinct_id)", {"distinct_id": f"user-{args.profiles // 2:08}"}, args.runs),
-            ("selective where (cohort == 7)", {"where": 'properties["cohort"] == 7'}, max(3, args.runs // 10)),
+            (
+                "single profile (distinct_id)",
+                {"distinct_id": f"user-{args.profiles // 2:08}"},
+                args.runs,
+            ),
+            (
+                "selective where (cohort == 7)",
+                {"where": 'properties["cohort"] == 7'},
+                max(3, args.runs // 10),
+            ),
             ("unselective where (age >= 0)", {"where": 'properties["age"] >= 0'}, 3),
         ]
         for name, data, runs in cases:
@@ -105,9 +131,13 @@ async def main() -> None:
     print(f"profiles: {args.profiles}\n")
     print("| query | total | p50 ms | p99 ms | runs |\n|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nexport: {count} profiles in {export_s:.1f}s = {count / export_s:,.0f} profiles/s; "
-          f"peak RSS {rss_before / 1024:.0f} MiB before, {rss_after / 1024:.0f} MiB after")
-    print(f"import: {summary.accepted} profiles in {import_s:.1f}s = {summary.accepted / import_s:,.0f} profiles/s")
+    print(
+        f"\nexport: {count} profiles in {export_s:.1f}s = {count / export_s:,.0f} profiles/s; "
+        f"peak RSS {rss_before / 1024:.0f} MiB before, {rss_after / 1024:.0f} MiB after"
+    )
+    print(
+        f"import: {summary.accepted} profiles in {import_s:.1f}s = {summary.accepted / import_s:,.0f} profiles/s"
+    )
 
 
 if __name__ == "__main__":

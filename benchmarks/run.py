@@ -123,11 +123,12 @@ def bodies_file(opts: Options, case: Case) -> Path:
         batch=case.batch,
         zipf=opts.zipf,
         late_fraction=case.late,
+        partitions=case.concurrency,
         seed=opts.seed,
     )
     path = opts.workdir / (
-        f"bodies-{case.profiles}-{case.batch}-{opts.zipf}-{case.late}-{opts.seed}-"
-        f"{opts.records_per_case}.jsonl"
+        f"bodies-{case.profiles}-{case.batch}-{case.concurrency}-{opts.zipf}-{case.late}-"
+        f"{opts.seed}-{opts.records_per_case}.jsonl"
     )
     if not path.exists():
         log(opts, f"generating {opts.records_per_case} records in batches of {case.batch}")
@@ -283,9 +284,20 @@ def run_case(opts: Options, case: Case) -> dict[str, Any]:
     db = fresh_db(opts, seed, "floor")
     out = subprocess.run(
         [
-            PY, "-m", "benchmarks.floors", "storage", "--db", str(db), "--bodies", str(bodies),
-            "--group", str(group), "--warmup-bodies", str(warm),
-            "--synchronous", case.synchronous,
+            PY,
+            "-m",
+            "benchmarks.floors",
+            "storage",
+            "--db",
+            str(db),
+            "--bodies",
+            str(bodies),
+            "--group",
+            str(group),
+            "--warmup-bodies",
+            str(warm),
+            "--synchronous",
+            case.synchronous,
         ],  # fmt: skip
         check=True,
         capture_output=True,
@@ -394,7 +406,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"]
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in lines:
-        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -430,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="share of records not measured")
     p.add_argument("--http-seconds", type=float, default=None, help="HTTP floor duration")
     p.add_argument("--soak-minutes", type=float, default=10.0)
+    p.add_argument("--only", action="append", help="run only cases whose name contains this")
+    p.add_argument("--no-soak", action="store_true", help="with --full: skip the soak")
     p.add_argument("--zipf", type=float, default=0.8, help="distinct_id skew exponent")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default=None, help="keep databases and bodies here")
@@ -445,9 +461,10 @@ def main(argv: list[str] | None = None) -> None:
         args.seed, args.zipf, args.quiet,
     )  # fmt: skip
     started = time.time()
-    rows = [run_case(opts, case) for case in cases(args)]
+    chosen = [c for c in cases(args) if not args.only or any(o in c.name for o in args.only)]
+    rows = [run_case(opts, case) for case in chosen]
     result: dict[str, Any] = {"rows": rows}
-    if args.full:
+    if args.full and not args.no_soak:
         result["soak"] = soak(opts, args.soak_minutes)
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

@@ -6,6 +6,11 @@ fixed population of profiles. Every record carries an explicit `$time` (as the s
 SDKs send it); times advance by one millisecond per record, and 10% of the records arrive out
 of `$time` order (their time lies up to `late_span` seconds in the past).
 
+Like real clients, each profile is updated through one connection only: with `partitions`
+= P, body i holds profiles of partition i mod P (those whose number is i mod P), and the load
+generator sends body i on connection i mod P. Apart from the deliberate 10%, every profile's
+updates therefore arrive in `$time` order, as they would from one device or one pipeline.
+
 The same seed always gives the same records, so the end-to-end run and the storage floor
 apply exactly the same updates.
 """
@@ -43,6 +48,7 @@ class WorkloadSpec:
     zipf: float = 0.8
     late_fraction: float = 0.10
     late_span: float = 3600.0
+    partitions: int = 1
     seed: int = 1
 
 
@@ -54,21 +60,23 @@ class Workload:
         self.rng = random.Random(spec.seed)
         # one day in the past, so out-of-order and in-order times stay below "now"
         self.start = (time.time() if start_time is None else start_time) - 86400.0
-        weights = [1.0 / (k**spec.zipf) for k in range(1, spec.profiles + 1)]
+        self.per_partition = max(1, spec.profiles // spec.partitions)
+        weights = [1.0 / (k**spec.zipf) for k in range(1, self.per_partition + 1)]
         self.cumulative = list(itertools.accumulate(weights))
         # ranks are scattered over ids so hot profiles are not adjacent in the key space
-        self.ids = list(range(spec.profiles))
+        self.ids = list(range(self.per_partition))
         random.Random(spec.seed + 1).shuffle(self.ids)
         self.ops = [op for op, _ in OP_MIX]
         self.op_cumulative = list(itertools.accumulate(w for _, w in OP_MIX))
         self.n = 0
 
-    def distinct_id(self) -> str:
+    def distinct_id(self, partition: int = 0) -> str:
         total = self.cumulative[-1]
         rank = bisect.bisect_left(self.cumulative, self.rng.random() * total)
-        return f"user-{self.ids[min(rank, self.spec.profiles - 1)]}"
+        number = self.ids[min(rank, self.per_partition - 1)] * self.spec.partitions + partition
+        return f"user-{number}"
 
-    def record(self) -> dict[str, Any]:
+    def record(self, partition: int = 0) -> dict[str, Any]:
         rng = self.rng
         self.n += 1
         t = self.start + self.n * 0.001
@@ -94,18 +102,18 @@ class Workload:
             value = ["email"]
         return {
             "$token": TOKEN,
-            "$distinct_id": self.distinct_id(),
+            "$distinct_id": self.distinct_id(partition),
             "$time": int(t * 1000),
             op: value,
         }
 
-    def batch(self) -> list[dict[str, Any]]:
-        return [self.record() for _ in range(self.spec.batch)]
+    def batch(self, partition: int = 0) -> list[dict[str, Any]]:
+        return [self.record(partition) for _ in range(self.spec.batch)]
 
     def bodies(self, records: int) -> Iterator[bytes]:
         """JSON request bodies holding `records` records in all, in batches of the spec."""
-        for _ in range(max(1, records // self.spec.batch)):
-            yield orjson.dumps(self.batch())
+        for i in range(max(1, records // self.spec.batch)):
+            yield orjson.dumps(self.batch(i % self.spec.partitions))
 
 
 def seed_records(profiles: int, start_time: float | None = None) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,7 @@ A plain ASGI callable (no framework) keeps the ingestion hot path short. Routes:
     /api/query/engage, /api/2.0/engage       the Engage query API (Basic auth)
     /api/query/export                        streaming export, NDJSON or CSV (Basic auth)
     /healthz                                 200 once ready
+    /openapi.json                            the OpenAPI document of all of these
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from . import __version__
 from .clientip import ClientAddress
 from .geo import Geolocator, GeoLookup
 from .geo_providers import open_geo
+from .openapi import openapi_json
 from .outcomes import JSON, Outcome, Response, error_response, render
 from .query.api import QueryAPI
+from .query.indexes import parse_names as parse_indexed
+from .ratelimit import RATE_LIMITED, FailedAuthLimiter, TokenBuckets, retry_after
 from .records import Validator
 from .settings import Settings
 from .store import ProfileStore, open_store
@@ -59,6 +63,11 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyCutShort(BodyTooLarge):
+    """The client went away before its body was complete: nothing of it is applied (the
+    answer, whatever it is, reaches nobody)."""
+
+
 class PeoplebaseApp:
     def __init__(
         self, settings: Settings, store: ProfileStore | None = None, geo: GeoLookup | None = None
@@ -84,6 +93,9 @@ class PeoplebaseApp:
         )
         self.ready = False
         self._known_tokens: dict[str, float] = {}  # token -> when it was last checked
+        burst = settings.rate_burst or max(settings.rate_limit * 10, settings.max_records)
+        self.rate_limits = TokenBuckets(settings.rate_limit, burst)  # records per token
+        self.auth_limiter = FailedAuthLimiter(settings.auth_fail_limit)
         self.query_api = QueryAPI(self)
         self.web = WebUI(self)
         self.counters = {"events_ignored": 0, "records_rejected": 0, "records_valid": 0}
@@ -92,6 +104,9 @@ class PeoplebaseApp:
 
     def startup(self) -> None:
         self.store.open()
+        sync_indexes = getattr(self.store, "sync_property_indexes", None)
+        if sync_indexes is not None:
+            sync_indexes(parse_indexed(self.settings.indexed_properties))
         self.writer.start()
         self.ready = True
 
@@ -190,6 +205,9 @@ class PeoplebaseApp:
             else:
                 await _send(send, error_response(503, "starting", "Service Unavailable", 1), None)
             return
+        if trimmed == "/openapi.json" and method in ("GET", "HEAD"):
+            await _send(send, Response(200, openapi_json()), None)
+            return
         await _send(send, error_response(404, f"no route for {path}", "Not Found"), None)
 
     # --- ingestion ------------------------------------------------------------------------
@@ -204,7 +222,7 @@ class PeoplebaseApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise BodyCutShort()
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -285,6 +303,8 @@ class PeoplebaseApp:
         if outcome.rejections:
             self._count_rejections(payload.records, outcome.rejections)
         if valid:
+            if self.rate_limits.enabled and (wait := self._over_rate(valid)):
+                return error_response(429, RATE_LIMITED, "Too Many Requests", retry_after(wait))
             try:
                 applied = await self.writer.submit(valid)
             except (Overloaded, WriterStopped):
@@ -302,6 +322,13 @@ class PeoplebaseApp:
                     if skips:
                         outcome.skips[u.index] = skips
         return render(params, outcome)
+
+    def _over_rate(self, valid: list[Update]) -> float:
+        """Take this request's records from each token's bucket; the wait if one is empty."""
+        per_token: dict[str, int] = {}
+        for u in valid:
+            per_token[u.token] = per_token.get(u.token, 0) + 1
+        return max(self.rate_limits.take(token, n) for token, n in per_token.items())
 
     def _count_rejections(self, records: list[Any], rejections: list[Rejection]) -> None:
         self.counters["records_rejected"] += len(rejections)

@@ -84,12 +84,16 @@ def server_config(app: Any, settings: Settings) -> Any:
     """The HTTP server configuration `serve` uses (also used by the benchmarks' HTTP floor)."""
     import uvicorn
 
+    from .httpguard import guarded_protocol
+
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(settings.request_timeout)
+        if settings.request_timeout > 0
+        else "httptools",
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,

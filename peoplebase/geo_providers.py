@@ -182,7 +182,8 @@ class MmdbLookup:
     @property
     def description(self) -> str:
         meta = self._reader.metadata()
-        return f"{meta.database_type} ({self.path}, built {time.strftime('%Y-%m-%d', time.gmtime(meta.build_epoch))})"
+        built = time.strftime("%Y-%m-%d", time.gmtime(meta.build_epoch))
+        return f"{meta.database_type} ({self.path}, built {built})"
 
     def _open(self) -> tuple[Any, tuple[int, int, int]]:
         import maxminddb

@@ -114,7 +114,7 @@ class _Profile:
     row: ProfileRow
     log: list[LogEntry] | None = None  # loaded log + new entries, once needed
     new: list[LogEntry] = field(default_factory=list)
-    purge_upto: float | None = None  # delete stored log entries with time <= this
+    purge_before: float | None = None  # delete stored log entries with time < this
     compact_before: float | None = None  # delete stored log entries with time < this
 
 
@@ -163,8 +163,8 @@ class Merger:
     def _log(self, backend: MergeBackend, prof: _Profile) -> list[LogEntry]:
         if prof.log is None:
             stored = backend.load_log(prof.key) if prof.row.log_min is not None else []
-            if prof.purge_upto is not None:
-                stored = [e for e in stored if e.time > prof.purge_upto]
+            if prof.purge_before is not None:
+                stored = [e for e in stored if e.time >= prof.purge_before]
             prof.log = stored + prof.new
         return prof.log
 
@@ -197,7 +197,8 @@ class Merger:
             result.beyond_window += 1
         row.dirty = True
         if u.is_delete:
-            self._delete(backend, prof, t)
+            u.time = t
+            self._delete(backend, prof, LogEntry(t, seq, u, u.dedup, r, stored=False))
             return
         entry = LogEntry(t, seq, u, u.dedup, r, stored=False)
         skips: list[Skip] = []
@@ -220,17 +221,24 @@ class Merger:
                 return True
         return False
 
-    def _delete(self, backend: MergeBackend, prof: _Profile, t: float) -> None:
+    def _delete(self, backend: MergeBackend, prof: _Profile, entry: LogEntry) -> None:
+        """Purge the log before the delete's time and log the delete itself.
+
+        Entries at exactly its time stay, under it (they arrived earlier, so every replay
+        applies the delete after them), and so does the delete: their retry keys survive, so a
+        resend of any of them cannot erase what arrived after the delete at that same time.
+        """
         row = prof.row
+        t = entry.time
         log = self._log(backend, prof)
-        remaining = [e for e in log if e.time > t]
-        prof.log = remaining
-        prof.new = [e for e in prof.new if e.time > t]
-        prof.purge_upto = t if prof.purge_upto is None else max(prof.purge_upto, t)
+        prof.log = [e for e in log if e.time >= t]
+        prof.new = [e for e in prof.new if e.time >= t]
+        prof.purge_before = t if prof.purge_before is None else max(prof.purge_before, t)
         row.tomb = t
         row.base = None
-        row.props = fold(None, remaining, self.max_properties)
-        row.log_min = min((e.time for e in remaining), default=None)
+        self._append(prof, entry)
+        row.props = fold(None, prof.log, self.max_properties)
+        row.log_min = min(e.time for e in prof.log)
         row.last_time = max(row.last_time, t)
 
     def _maybe_compact(self, backend: MergeBackend, prof: _Profile) -> None:
@@ -250,8 +258,8 @@ class Merger:
 
     def _write(self, backend: MergeBackend, touched: list[_Profile]) -> None:
         for prof in touched:
-            if prof.purge_upto is not None:
-                backend.delete_log(prof.key, prof.purge_upto, inclusive=True)
+            if prof.purge_before is not None:
+                backend.delete_log(prof.key, prof.purge_before, inclusive=False)
             if prof.compact_before is not None:
                 backend.delete_log(prof.key, prof.compact_before, inclusive=False)
             if prof.new:

@@ -18,6 +18,8 @@ import orjson
 from .types import KNOWN_OPS, OP_ORDER, Rejection, Skip, Update
 from .values import (
     MAX_NAME_CHARS,
+    NUL,
+    NUL_MESSAGE,
     ValueTooLarge,
     clean_number,
     composite_too_large,
@@ -114,6 +116,9 @@ class Validator:
             return Rejection(index, did, "$token", "missing or empty")
         if did is None or did == "":
             return Rejection(index, did, "$distinct_id", "missing or empty")
+        if NUL in did or NUL in token:
+            field = "$distinct_id" if NUL in did else "$token"
+            return Rejection(index, did.replace(NUL, ""), field, NUL_MESSAGE)
         if len(did) > MAX_DISTINCT_ID_CHARS:
             return Rejection(
                 index, did[:64], "$distinct_id", f"longer than {MAX_DISTINCT_ID_CHARS} characters"
@@ -184,6 +189,9 @@ def _props(op: str, value: Any, skips: list[Skip], convert: Callable[[str, Any],
     out: dict[str, Any] = {}
     for name, item in value.items():
         key = truncate_name(name) if len(name) > MAX_NAME_CHARS else name
+        if NUL in key:
+            skips.append(Skip(f"{op}.{key.replace(NUL, '')}", NUL_MESSAGE))
+            continue
         try:
             out[key] = convert(key, item)
         except ValueTooLarge as exc:
@@ -209,7 +217,10 @@ def _add_value(name: str, item: Any) -> int | float:
         return clean_number(item)
     if isinstance(item, str) and _DECIMAL.match(item):
         text = item.strip()
-        number = float(text) if ("." in text) else int(text)
+        try:
+            number = float(text) if ("." in text) else int(text)
+        except ValueError as exc:  # more digits than int() converts (4300)
+            raise ValueTooLarge("number out of range") from exc
         return clean_number(number)
     raise ValueTooLarge("not a number")
 
@@ -229,7 +240,9 @@ def _check_unset(value: Any, skips: list[Skip]) -> Any:
         return "must be a list of property names"
     names = []
     for i, name in enumerate(value):
-        if isinstance(name, str):
+        if isinstance(name, str) and NUL in name:
+            skips.append(Skip(f"$unset[{i}]", NUL_MESSAGE))
+        elif isinstance(name, str):
             names.append(truncate_name(name))
         else:
             skips.append(Skip(f"$unset[{i}]", "property names must be strings"))

@@ -31,7 +31,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", "Address to listen on."),
     Setting("port", 8000, "TCP port to listen on."),
-    Setting("db", "./peoplebase.db", "Database: a SQLite file path."),
+    Setting(
+        "db",
+        "./peoplebase.db",
+        "Database: a SQLite file path, or a postgresql:// URL (see docs/deploying.md).",
+    ),
     Setting(
         "tokens",
         "auto",
@@ -68,6 +72,30 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("group_records", 20_000, "Most records one group commit takes from the queue."),
     Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
+    Setting(
+        "rate_limit",
+        0.0,
+        "Ingestion rate limit: records per second per project token (0: no limit). Past it, "
+        "ingestion answers 429 with Retry-After and applies nothing.",
+    ),
+    Setting(
+        "rate_burst",
+        0,
+        "Records a token may send at once above rate_limit (0: ten seconds' worth, at least "
+        "max_records).",
+    ),
+    Setting(
+        "request_timeout",
+        60.0,
+        "Seconds a client has to send a whole request (headers and body) once it connects or "
+        "starts one; slower connections are closed and nothing of the request applied (0: none).",
+    ),
+    Setting(
+        "auth_fail_limit",
+        10,
+        "Failed authentications per minute per client address on the query API and the web "
+        "sign-in; past it they answer 429 with Retry-After (0: no limit).",
+    ),
     Setting("page_size", 1000, "Profiles per page of /api/query/engage."),
     Setting("max_distinct_ids", 2000, "Most distinct_ids one query may name."),
     Setting(
@@ -85,6 +113,12 @@ SETTINGS: tuple[Setting, ...] = (
         "query_concurrency",
         5,
         "Queries one project may run at the same time; more answer 429 with Retry-After.",
+    ),
+    Setting(
+        "indexed_properties",
+        "$email,$name",
+        "Comma-separated property names whose equality filters (properties[\"x\"] == \"v\") "
+        "are answered from an index (SQLite); each index costs a little on every write.",
     ),
     Setting("log_level", "info", "Log level.", ("debug", "info", "warning", "error")),
     Setting(
@@ -129,11 +163,16 @@ class Settings:
     queue_records: int = 200_000
     group_records: int = 20_000
     retry_after: int = 1
+    rate_limit: float = 0.0
+    rate_burst: int = 0
+    request_timeout: float = 60.0
+    auth_fail_limit: int = 10
     page_size: int = 1000
     max_distinct_ids: int = 2000
     query_session_ttl: float = 600.0
     query_timeout: float = 30.0
     query_concurrency: int = 5
+    indexed_properties: str = "$email,$name"
     log_level: str = "info"
     session_key: str = ""
     geoip_db: str = ""

@@ -19,6 +19,10 @@ class ValueTooLarge(ValueError):
     """A list or object value over the limits; the key holding it is skipped."""
 
 
+NUL = "\x00"
+NUL_MESSAGE = "NUL characters (\\u0000) are not accepted"  # PostgreSQL cannot store them
+
+
 def value_key(value: Any) -> Any:
     """A hashable identity for JSON equality: 1 == 1.0, but 1, true and "1" differ."""
     if value is None:
@@ -63,7 +67,10 @@ def clean_number(value: int | float) -> int | float:
     if isinstance(value, int):
         if -INT64_MAX - 1 <= value <= INT64_MAX:
             return value
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError as exc:  # past ~1e308
+            raise ValueTooLarge("number out of range") from exc
     if not math.isfinite(value):
         raise ValueTooLarge("number out of range")
     return value
@@ -76,6 +83,8 @@ def sanitize(value: Any, depth: int = 0) -> Any:
     number out of range). The 256 KB size check is done by the caller on composites.
     """
     if isinstance(value, str):
+        if NUL in value:
+            raise ValueTooLarge(NUL_MESSAGE)
         return truncate_string(value)
     if value is None or value is True or value is False:
         return value
@@ -88,6 +97,8 @@ def sanitize(value: Any, depth: int = 0) -> Any:
             raise ValueTooLarge(f"objects may nest at most {MAX_OBJECT_DEPTH} levels")
         if len(value) > MAX_OBJECT_KEYS:
             raise ValueTooLarge(f"objects may have at most {MAX_OBJECT_KEYS} keys")
+        if any(NUL in str(k) for k in value):
+            raise ValueTooLarge(NUL_MESSAGE)
         return {truncate_name(str(k)): sanitize(v, depth + 1) for k, v in value.items()}
     raise ValueTooLarge(f"unsupported value type {type(value).__name__}")
 
@@ -107,6 +118,16 @@ def composite_too_large(value: Any) -> bool:
 
 def sanitize_property(value: Any) -> Any:
     """sanitize() plus the size limit; raises ValueTooLarge with a message for strict mode."""
+    # fast path for the common scalars, which sanitize() would return unchanged
+    kind = type(value)
+    if kind is str:
+        if len(value) <= MAX_STRING_BYTES // 4 and NUL not in value:
+            return value
+    elif kind is int:
+        if -INT64_MAX - 1 <= value <= INT64_MAX:
+            return value
+    elif kind is bool or value is None:
+        return value
     clean = sanitize(value)
     if composite_too_large(clean):
         raise ValueTooLarge(f"list or object values are limited to {MAX_COMPOSITE_BYTES} bytes")

@@ -21,7 +21,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -40,7 +39,6 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser-sdk"
 TRACK_CHARGE_NOTICE = (
     "Mixpanel error: mixpanel.people.track_charge() is deprecated and no longer has any effect."
 )
-QUEUE_KEYS = ("_ev", "_pp", "_gr")
 
 
 def last_seen(t: float) -> str:
@@ -51,18 +49,18 @@ def last_seen(t: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
+def sdk_playwright() -> Iterator[Playwright]:
     with sync_playwright() as p:
         yield p
 
 
 @pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
+def browser(sdk_playwright: Playwright) -> Iterator[Browser]:
     assert os.access(CHROMIUM, os.X_OK), (
         f"{CHROMIUM} is missing: run `make chromium` (Debian package `chromium`). "
         "The browser SDK tests need it and are never skipped."
     )
-    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    b = sdk_playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     try:
         yield b
     finally:
@@ -105,15 +103,27 @@ class Watched:
         page = self.page
         page.on("console", self._on_console)
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.on("request", lambda r: self._is_api(r) and self.requests.append(r))
-        page.on("requestfinished", lambda r: self._is_api(r) and self.finished.append(r))
-        page.on("requestfailed", lambda r: self.failed.append((r.url, r.failure)))
+        page.on("request", self._on_request)
+        page.on("requestfinished", self._on_finished)
+        page.on("requestfailed", self._on_failed)
 
     def _on_console(self, message: ConsoleMessage) -> None:
         self.console.append((message.type, message.text))
 
     def _is_api(self, request: Request) -> bool:
         return request.url.startswith(self.api_url)
+
+    def _on_request(self, request: Request) -> None:
+        if self._is_api(request):
+            self.requests.append(request)
+
+    def _on_finished(self, request: Request) -> None:
+        if self._is_api(request):
+            self.finished.append(request)
+
+    def _on_failed(self, request: Request) -> None:
+        if self._is_api(request):
+            self.failed.append((request.url, request.failure))
 
     def engage_requests(self) -> list[Request]:
         return [r for r in self.requests if urlsplit(r.url).path.rstrip("/") == "/engage"]
@@ -300,7 +310,7 @@ def decode_data(request: Request) -> tuple[str, Any]:
 
 # --- scenarios ---------------------------------------------------------------------------------
 
-SCENARIOS = {
+SCENARIOS: dict[str, dict[str, Any]] = {
     "xhr-base64": {"batch_requests": False},
     "xhr-json": {"batch_requests": False, "api_payload_format": "json"},
     "xhr-get": {"batch_requests": False, "api_method": "GET"},
@@ -337,12 +347,12 @@ def test_every_people_call(name: str, api: ServerProcess, open_page: Any) -> Non
         callbacks = []
         expected_engage = len(tab.engage_requests())
         for (method, args), count in zip(ADA_STEPS, ADA_REQUESTS, strict=True):
-            callbacks.append(
-                page.evaluate("([m, a]) => harness.people(m, a)", [method, args])
-            )
+            callbacks.append(page.evaluate("([m, a]) => harness.people(m, a)", [method, args]))
             expected_engage += count
             tab.settle(expected_engage)
-    with_callback = [c for (m, _), c in zip(ADA_STEPS, callbacks, strict=True) if m != "track_charge"]
+    with_callback = [
+        c for (m, _), c in zip(ADA_STEPS, callbacks, strict=True) if m != "track_charge"
+    ]
     assert with_callback == [1] * len(with_callback)
 
     profiles = stored(api, token)
@@ -367,7 +377,7 @@ def test_every_people_call(name: str, api: ServerProcess, open_page: Any) -> Non
     tab.wait_drained()
     assert tab.queues() == {k: 0 for k in tab.queues()}
     tab.check_clean(allowed_errors=(TRACK_CHARGE_NOTICE,))
-    assert (TRACK_CHARGE_NOTICE in [t for _, t in tab.console]) is True
+    assert TRACK_CHARGE_NOTICE in [text for _, text in tab.console]  # and nothing was sent
 
     # the scenario really used the transport, method and format it claims
     engage = tab.engage_requests()

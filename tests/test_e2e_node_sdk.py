@@ -85,7 +85,13 @@ def steps_and_expectations(t0: int) -> tuple[list[dict[str, Any]], dict[str, Any
     signup_ms = 1704164645000  # 2024-01-02T03:04:05Z
     steps: list[tuple[str, list[Any]]] = [
         # ada: every operation in arrival order, no $time
-        ("set", ["ada", {"name": "Ada", "plan": "free", "ip": "203.0.113.7", "signup": date(signup_ms)}]),
+        (
+            "set",
+            [
+                "ada",
+                {"name": "Ada", "plan": "free", "ip": "203.0.113.7", "signup": date(signup_ms)},
+            ],
+        ),
         ("set", ["ada", "plan", "pro", {"$ignore_time": True}]),
         ("set_once", ["ada", {"plan": "enterprise", "first_source": "node"}]),
         ("set_once", ["ada", "first_source", "other"]),
@@ -123,7 +129,10 @@ def steps_and_expectations(t0: int) -> tuple[list[dict[str, Any]], dict[str, Any
         ("append", ["eve", "hist", "a", {"$time": t0 + 1}]),
         ("append", ["eve", "hist", "b", {"$time": t0 + 55.5}]),
         ("remove", ["eve", {"hist": "a"}, {"$time": date((t0 + 60) * 1000)}]),
-        ("union", ["eve", {"tags": ["x"]}, {"$time": date((t0 + 70) * 1000), "$ignore_time": True}]),
+        (
+            "union",
+            ["eve", {"tags": ["x"]}, {"$time": date((t0 + 70) * 1000), "$ignore_time": True}],
+        ),
         # fay: a timed delete is final for everything before it
         ("set", ["fay", {"x": 1}, {"$time": t0 + 10}]),
         ("delete_user", ["fay", {"$time": t0 + 20}]),

@@ -9,14 +9,28 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from peoplebase.query.export import export_to
 from peoplebase.store import SqliteStore
 from tests.conftest import AppClient
 
+pytestmark = pytest.mark.all_backends  # tests taking `client` run on SQLite and on PostgreSQL
+
 
 async def seed(client: AppClient, n: int) -> None:
-    records = [{"$token": "t", "$distinct_id": f"u{i:04}", "$set": {"i": i, "plan": "pro" if i % 2 else "free", "note": "a,b\nc" if i == 3 else "x"}} for i in range(n)]
+    records = [
+        {
+            "$token": "t",
+            "$distinct_id": f"u{i:04}",
+            "$set": {
+                "i": i,
+                "plan": "pro" if i % 2 else "free",
+                "note": "a,b\nc" if i == 3 else "x",
+            },
+        }
+        for i in range(n)
+    ]
     for k in range(0, n, 2000):
         r = await client.http.post("/engage", json=records[k : k + 2000])
         assert r.text == "1"
@@ -25,7 +39,9 @@ async def seed(client: AppClient, n: int) -> None:
 async def test_http_ndjson_and_csv(client: AppClient) -> None:
     await seed(client, 2500)
     auth = client.auth("t")
-    r = await client.http.post("/api/query/export", data={"where": 'properties["plan"] == "pro"'}, headers=auth)
+    r = await client.http.post(
+        "/api/query/export", data={"where": 'properties["plan"] == "pro"'}, headers=auth
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
     lines = [orjson.loads(x) for x in r.content.splitlines()]
     assert len(lines) == 1250 and all(x["$properties"]["plan"] == "pro" for x in lines)
@@ -36,7 +52,9 @@ async def test_http_ndjson_and_csv(client: AppClient) -> None:
     assert len(rows) == 2501
     note = rows[0].index("note")
     assert rows[4][note] == "a,b\nc"
-    r = await client.http.post("/api/query/export", data={"format": "csv", "output_properties": '["plan"]'}, headers=auth)
+    r = await client.http.post(
+        "/api/query/export", data={"format": "csv", "output_properties": '["plan"]'}, headers=auth
+    )
     assert r.text.splitlines()[:2] == ["$distinct_id,plan", "u0000,free"]
     r = await client.http.post("/api/query/export", data={"where": "properties["}, headers=auth)
     assert r.status_code == 400
@@ -47,11 +65,43 @@ async def test_http_ndjson_and_csv(client: AppClient) -> None:
 async def test_cli_export_and_library(client: AppClient, tmp_path: Path) -> None:
     await seed(client, 30)
     out = tmp_path / "out.ndjson"
-    run = subprocess.run([sys.executable, "-m", "peoplebase", "export", "--db", client.app.settings.db, "--project", "t", "--where", 'properties["i"] < 10', "-o", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peoplebase",
+            "export",
+            "--db",
+            client.app.settings.db,
+            "--project",
+            "t",
+            "--where",
+            'properties["i"] < 10',
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert "exported 10 profiles" in run.stderr
     assert len(out.read_bytes().splitlines()) == 10
-    bad = subprocess.run([sys.executable, "-m", "peoplebase", "export", "--db", client.app.settings.db, "--project", "t", "--where", "1 +"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peoplebase",
+            "export",
+            "--db",
+            client.app.settings.db,
+            "--project",
+            "t",
+            "--where",
+            "1 +",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "position" in bad.stderr
 
 
@@ -68,7 +118,14 @@ def test_export_memory_is_bounded(tmp_path: Path) -> None:
     peaks = []
     for total in (5_000, 20_000):
         start = len(peaks) and 5_000
-        updates = [v.validate({"$token": "t", "$distinct_id": f"u{i:06}", "$set": {"i": i, "s": "y" * 100}}, i, 1.7e9) for i in range(start, total)]
+        updates = [
+            v.validate(
+                {"$token": "t", "$distinct_id": f"u{i:06}", "$set": {"i": i, "s": "y" * 100}},
+                i,
+                1.7e9,
+            )
+            for i in range(start, total)
+        ]
         for k in range(0, len(updates), 2000):
             store.write_group([updates[k : k + 2000]])  # type: ignore[list-item]
         project = store.project_by_token("t")

@@ -13,7 +13,9 @@ from peoplebase.store import SqliteStore
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peoplebase", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "peoplebase", *args], capture_output=True, text=True
+    )
 
 
 def test_import_export_lines_and_updates_twice(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Ordering, retries and deletion (SPEC §4), checked against a simple reference fold.
 
-The reference: keep the updates that arrive while no `$delete` at a later-or-equal `$time` has
-been accepted, sort them by ($time, arrival) and apply `ops.apply_update` one by one.
+The reference: keep the updates that arrive while no `$delete` at a later `$time` has been
+accepted, sort them by ($time, arrival) and apply `ops.apply_update` one by one. (An update
+with exactly a delete's `$time` that arrives after it comes after it in that order, so it
+builds a new profile: docs/ordering.md.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peoplebase.merge import Merger, MemoryBackend
+from peoplebase.merge import MemoryBackend, Merger
 from peoplebase.ops import apply_update, format_time
 from peoplebase.records import Validator
 from peoplebase.types import Applied, Props, Update
@@ -118,7 +120,7 @@ def reference(arrived: Sequence[Raw], max_properties: int = 2000) -> dict[str, P
     accepted: dict[str, list[tuple[float, int, Raw]]] = {did: [] for did in IDS}
     for i, raw in enumerate(arrived):
         u = update(raw)
-        if u.time <= tomb.get(u.distinct_id, -math.inf):
+        if u.time < tomb.get(u.distinct_id, -math.inf):
             continue  # deletion is final for the past
         accepted[u.distinct_id].append((u.time, i, raw))
         if u.is_delete:
@@ -269,17 +271,36 @@ def rec(t: int, did: str = "a", **ops: Any) -> Raw:
     return raw
 
 
-def test_delete_drops_later_arrivals_at_or_before_its_time() -> None:
+def test_delete_drops_later_arrivals_before_its_time() -> None:
     backend, results = run_memory(
         [
-            [[rec(0, set={"p": 1}), rec(20, set={"q": 1})]],
+            [[rec(0, set={"p": 1}), rec(10, set={"r": 1}), rec(20, set={"q": 1})]],
             [[rec(10, delete=True)]],
-            [[rec(10, set={"p": 2}), rec(5, add={"n": 1}), rec(-1000, set={"z": 1})]],
+            [[rec(9, set={"p": 2}), rec(5, add={"n": 1}), rec(-1000, set={"z": 1})]],
         ]
     )
-    # the $time 20 update survives the delete at 10; later arrivals at <= 10 are dropped
+    # the $time 20 update survives the delete at 10; later arrivals before 10 are dropped
     assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 20)}
     assert results[2].dropped == 3
+
+
+def test_update_at_delete_time_arriving_after_it_builds_new_profile() -> None:
+    # delete_user() then set() in one browser batch: both get the receipt time
+    delete = {"$token": TOKEN, "$distinct_id": "a", "$delete": ""}
+    later = {"$token": TOKEN, "$distinct_id": "a", "$set": {"p": 2}}
+    backend, results = run_memory([[[rec(0, set={"p": 1, "q": 1})]], [[delete, later]]])
+    assert backend.profile(TOKEN, "a") == {"p": 2, "$last_seen": format_time(NOW)}
+    assert results[1].dropped == 0
+    # in another request too, with an explicit $time
+    backend, results = run_memory(
+        [[[rec(0, set={"q": 1})], [rec(10, delete=1)]], [[rec(10, set={"p": 1})]]]
+    )
+    assert backend.profile(TOKEN, "a") == {"p": 1, "$last_seen": format_time(T0 + 10)}
+
+
+def test_update_at_delete_time_arriving_before_it_is_deleted() -> None:
+    backend, _ = run_memory([[[rec(10, set={"p": 1})]], [[rec(10, delete=1)]]])
+    assert backend.profile(TOKEN, "a") is None
 
 
 def test_delete_then_newer_update_builds_new_profile() -> None:
@@ -306,18 +327,25 @@ def test_delete_is_final_whatever_the_window() -> None:
 
 def test_delete_purges_log_and_dedup_keys() -> None:
     backend, _ = run_memory(
-        [[[rec(0, set={"p": 1}), rec(5, set={"p": 2}), rec(30, set={"q": 1})]], [[rec(10, delete=1)]]]
+        [
+            [[rec(0, set={"p": 1}), rec(5, set={"p": 2}), rec(30, set={"q": 1})]],
+            [[rec(10, delete=1)]],
+        ]
     )
     (key,) = backend.rows
-    assert [e[0] for e in backend.logs[key]] == [T0 + 30]
+    # what remains: the delete itself (so that a resend of it is recognised) and the newer update
+    assert sorted(e[0] for e in backend.logs[key]) == [T0 + 10, T0 + 30]
     assert backend.rows[key].tomb == T0 + 10
+    assert backend.rows[key].base is None
     assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 30)}
 
 
 def test_delete_of_missing_profile_creates_nothing() -> None:
-    backend, results = run_memory([[[rec(0, delete=1), rec(0, unset=["p"]), rec(1, remove={"l": 1})]]])
+    backend, results = run_memory(
+        [[[rec(5, delete=1), rec(0, set={"p": 1}), rec(5, unset=["p"]), rec(6, remove={"l": 1})]]]
+    )
     assert backend.profile(TOKEN, "a") is None
-    assert results[0].dropped == 1  # the $unset at the delete's own time
+    assert results[0].dropped == 1  # the tombstone stays: the older $set is dropped
 
 
 # --- the reorder window -----------------------------------------------------------------------
@@ -367,9 +395,7 @@ def in_window_arrivals(draw: st.DrawFn) -> Groups:
     delays = draw(st.lists(st.integers(0, WINDOW - 1), min_size=n, max_size=n))
     for raw, t in zip(recs, times, strict=True):
         raw["$time"] = T0 + t
-    keyed = sorted(
-        range(len(recs)), key=lambda i: (recs[i]["$time"] + delays[i], recs[i]["nonce"])
-    )
+    keyed = sorted(range(len(recs)), key=lambda i: (recs[i]["$time"] + delays[i], recs[i]["nonce"]))
     order = [recs[i] for i in keyed]
     groups: Groups = []
     for raw in order:
@@ -442,7 +468,11 @@ def test_records_without_time_never_deduplicated() -> None:
 
 def test_near_identical_records_are_not_retries() -> None:
     backend, results = run_memory(
-        [[[rec(0, add={"n": 1})]], [[rec(0, add={"n": 1}, ignore_time=True)]], [[rec(1, add={"n": 1})]]]
+        [
+            [[rec(0, add={"n": 1})]],
+            [[rec(0, add={"n": 1}, ignore_time=True)]],
+            [[rec(1, add={"n": 1})]],
+        ]
     )
     props = backend.profile(TOKEN, "a")
     assert props is not None and props["n"] == 3
@@ -465,3 +495,31 @@ def test_retried_requests_change_nothing(data: st.DataObject) -> None:
         (result,) = merger.apply(backend, to_updates([request]))
         assert result.dropped == len(request)
     assert profiles(backend) == before
+
+
+def test_retried_delete_changes_nothing() -> None:
+    # a resent $delete must not delete what was built after it at the same $time
+    delete = rec(10, delete=1)
+    backend, results = run_memory(
+        [[[rec(0, set={"p": 1})]], [[delete]], [[rec(10, set={"q": 1})]], [[dict(delete)]]]
+    )
+    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 10)}
+    assert results[3].dropped == 1
+
+
+def test_retried_update_at_delete_time_changes_nothing() -> None:
+    # the update at t arrived before the delete at t, so the delete wiped it; its resend
+    # after the delete is a retry, not a new profile
+    update_at_t = rec(10, set={"p": 1})
+    backend, results = run_memory([[[update_at_t]], [[rec(10, delete=1)]], [[dict(update_at_t)]]])
+    assert backend.profile(TOKEN, "a") is None
+    assert results[2].dropped == 1
+
+
+def test_retry_of_first_of_two_deletes_at_same_time() -> None:
+    first, second = rec(10, delete=1), rec(10, delete="")
+    backend, results = run_memory(
+        [[[first, second]], [[rec(10, set={"q": 1})]], [[dict(first)], [dict(second)]]]
+    )
+    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 10)}
+    assert results[2].dropped == 1 and results[3].dropped == 1

@@ -90,7 +90,7 @@ def test_add_missing_counts_as_zero() -> None:
 def test_add_ints_stay_ints() -> None:
     out = apply({"n": 2}, {"$add": {"n": 3}})
     assert out == {"n": 5}
-    assert isinstance(out["n"], int)  # type: ignore[index]
+    assert out is not None and isinstance(out["n"], int)
 
 
 def test_add_floats_and_negative() -> None:
@@ -103,6 +103,16 @@ def test_add_to_non_number_is_skipped(existing: Any) -> None:
     out, skips = apply_skips({"n": existing, "m": 1}, {"$add": {"n": 1, "m": 1}})
     assert out == {"n": existing, "m": 2}
     assert [s.field for s in skips] == ["$add.n"]
+
+
+def test_add_numeric_strings_through_validator() -> None:
+    raw = {"$token": "t", "$distinct_id": "d", "$ignore_time": 1}
+    u = Validator().validate({**raw, "$add": {"a": "5", "b": "-2.5", "c": "x"}}, 0, T)
+    assert isinstance(u, Update)
+    out = apply_update({"a": 1, "b": 1}, u)
+    assert out == {"a": 6, "b": -1.5}
+    assert out is not None and isinstance(out["a"], int)
+    assert [s.field for s in u.skips] == ["$add.c"]
 
 
 def test_add_int_overflow_becomes_float() -> None:
@@ -318,6 +328,15 @@ def test_property_limit_after_unset_room_is_back() -> None:
     out = apply(full, {"$unset": ["p0"]})
     out = apply(out, {"$set": {"new": 1}})
     assert out is not None and out["new"] == 1 and len(out) == 2000
+
+
+def test_property_limit_does_not_count_last_seen() -> None:
+    almost: Props = {f"p{i}": i for i in range(1999)}
+    almost["$last_seen"] = T_TEXT
+    out = apply(almost, {"$set": {"new": 1, "newer": 2}}, ignore_time=False)
+    assert out is not None
+    assert out["new"] == 1 and "newer" not in out
+    assert len(out) == 2001  # 2000 properties and $last_seen
 
 
 def test_property_limit_configurable() -> None:

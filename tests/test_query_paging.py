@@ -4,17 +4,18 @@ paginator loop walks every match exactly once while updates keep arriving."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from peoplebase.settings import Settings
 from tests.conftest import AppClient
 
+pytestmark = pytest.mark.all_backends  # every test on SQLite and on PostgreSQL
+
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(db=str(tmp_path / "test.db"), tokens="open", page_size=10, query_session_ttl=60.0)
+def settings(db_url: str) -> Settings:
+    return Settings(db=db_url, tokens="open", page_size=10, query_session_ttl=60.0)
 
 
 async def ingest(client: AppClient, records: list[dict]) -> None:
@@ -23,7 +24,17 @@ async def ingest(client: AppClient, records: list[dict]) -> None:
 
 
 async def test_paginator_walks_every_match_once_under_writes(client: AppClient) -> None:
-    await ingest(client, [{"$token": "t", "$distinct_id": f"u{i:03}", "$set": {"n": i, "plan": "pro" if i % 3 else "free"}} for i in range(95)])
+    await ingest(
+        client,
+        [
+            {
+                "$token": "t",
+                "$distinct_id": f"u{i:03}",
+                "$set": {"n": i, "plan": "pro" if i % 3 else "free"},
+            }
+            for i in range(95)
+        ],
+    )
     auth = client.auth("t")
     where = 'properties["plan"] == "pro"'
     expected = {f"u{i:03}" for i in range(95) if i % 3}
@@ -38,56 +49,87 @@ async def test_paginator_walks_every_match_once_under_writes(client: AppClient) 
         seen += [p["$distinct_id"] for p in page["results"]]
         assert all(p["$properties"].get("plan") in ("pro", "free", None) for p in page["results"])
         # updates keep arriving: new matches, matches that stop matching, deletes
-        await ingest(client, [
-            {"$token": "t", "$distinct_id": f"new{writes}", "$set": {"plan": "pro"}},
-            {"$token": "t", "$distinct_id": f"u{(writes * 7) % 95:03}", "$set": {"plan": "free"}},
-        ])
+        await ingest(
+            client,
+            [
+                {"$token": "t", "$distinct_id": f"new{writes}", "$set": {"plan": "pro"}},
+                {
+                    "$token": "t",
+                    "$distinct_id": f"u{(writes * 7) % 95:03}",
+                    "$set": {"plan": "free"},
+                },
+            ],
+        )
         if writes == 2:
             await ingest(client, [{"$token": "t", "$distinct_id": "u094", "$delete": ""}])
         writes += 1
         if len(page["results"]) < page["page_size"]:
             break
-        r = await client.http.post("/api/query/engage", data={"where": where, "page": page["page"] + 1, "session_id": session}, headers=auth)
+        r = await client.http.post(
+            "/api/query/engage",
+            data={"where": where, "page": page["page"] + 1, "session_id": session},
+            headers=auth,
+        )
         assert r.status_code == 200, r.text
         page = r.json()
         assert page["session_id"] == session and page["total"] == len(expected)
     assert len(seen) == len(set(seen)) == len(expected)
     assert set(seen) == expected
     # a new page 0 sees the new state
-    fresh = (await client.http.post("/api/query/engage", data={"where": where}, headers=auth)).json()
+    fresh = (
+        await client.http.post("/api/query/engage", data={"where": where}, headers=auth)
+    ).json()
     assert fresh["session_id"] != session and fresh["total"] != len(expected)
 
 
 async def test_later_pages_need_a_live_session(client: AppClient) -> None:
-    await ingest(client, [{"$token": "t", "$distinct_id": f"u{i}", "$set": {"a": 1}} for i in range(25)])
+    await ingest(
+        client, [{"$token": "t", "$distinct_id": f"u{i}", "$set": {"a": 1}} for i in range(25)]
+    )
     auth = client.auth("t")
     r = await client.http.post("/api/query/engage", data={"page": 1}, headers=auth)
     assert r.status_code == 400 and "session_id, required" in r.json()["error"]
-    r = await client.http.post("/api/query/engage", data={"page": 1, "session_id": "nope"}, headers=auth)
+    r = await client.http.post(
+        "/api/query/engage", data={"page": 1, "session_id": "nope"}, headers=auth
+    )
     assert r.status_code == 400 and "unknown or expired" in r.json()["error"]
     first = (await client.http.post("/api/query/engage", data={}, headers=auth)).json()
     assert first["total"] == 25 and len(first["results"]) == 10
     # a session of another project is not usable
     other = client.auth("t2")
-    r = await client.http.post("/api/query/engage", data={"page": 1, "session_id": first["session_id"]}, headers=other)
+    r = await client.http.post(
+        "/api/query/engage", data={"page": 1, "session_id": first["session_id"]}, headers=other
+    )
     assert r.status_code == 400
     # expiry
     client.app.settings = client.app.settings.replace(query_session_ttl=0.5)
     client.app.query_api.settings = client.app.settings
     expired = (await client.http.post("/api/query/engage", data={}, headers=auth)).json()
     await asyncio.sleep(0.6)
-    r = await client.http.post("/api/query/engage", data={"page": 1, "session_id": expired["session_id"]}, headers=auth)
+    r = await client.http.post(
+        "/api/query/engage", data={"page": 1, "session_id": expired["session_id"]}, headers=auth
+    )
     assert r.status_code == 400 and "expired" in r.json()["error"]
 
 
 async def test_where_errors_and_output_properties(client: AppClient) -> None:
     await ingest(client, [{"$token": "t", "$distinct_id": "a", "$set": {"x": 1, "y": 2}}])
     auth = client.auth("t")
-    r = await client.http.post("/api/query/engage", data={"where": 'properties["x"] = 1'}, headers=auth)
+    r = await client.http.post(
+        "/api/query/engage", data={"where": 'properties["x"] = 1'}, headers=auth
+    )
     assert r.status_code == 400 and "position 16" in r.json()["error"]
-    r = await client.http.post("/api/query/engage", data={"where": 'properties["x"] == 1', "output_properties": '["y"]'}, headers=auth)
+    r = await client.http.post(
+        "/api/query/engage",
+        data={"where": 'properties["x"] == 1', "output_properties": '["y"]'},
+        headers=auth,
+    )
     assert r.json()["results"] == [{"$distinct_id": "a", "$properties": {"y": 2}}]
-    r = await client.http.post("/api/query/engage", data={"distinct_ids": '["a","b"]', "where": 'properties["x"] == 2'}, headers=auth)
+    r = await client.http.post(
+        "/api/query/engage",
+        data={"distinct_ids": '["a","b"]', "where": 'properties["x"] == 2'},
+        headers=auth,
+    )
     assert r.json()["total"] == 0
 
 
@@ -104,7 +146,10 @@ async def test_concurrency_cap_answers_429(client: AppClient) -> None:
 
 
 async def test_query_timeout(client: AppClient) -> None:
-    await ingest(client, [{"$token": "t", "$distinct_id": f"u{i}", "$set": {"s": "x" * 200}} for i in range(2000)])
+    await ingest(
+        client,
+        [{"$token": "t", "$distinct_id": f"u{i}", "$set": {"s": "x" * 200}} for i in range(2000)],
+    )
     client.app.settings = client.app.settings.replace(query_timeout=1e-6)
     client.app.query_api.settings = client.app.settings
     where = " or ".join(f'"{i}" in properties["s"]' for i in range(50))

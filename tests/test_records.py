@@ -6,9 +6,11 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peoplebase.records import Validator, parse_time, truthy
-from peoplebase.types import Rejection, Update
+from peoplebase.types import KNOWN_OPS, Rejection, Update
 
 NOW = 1_700_000_000.0
 
@@ -361,3 +363,77 @@ def test_geo_resolved_only_for_set_and_set_once() -> None:
     assert ok(rec(add={"n": 1}), v).geo is None
     assert ok(rec(delete=True), v).geo is None
     assert calls == [("8.8.8.8", "9.9.9.9"), (None, None)]
+
+
+@pytest.mark.parametrize("digits", [30, 400, 5000])
+def test_add_huge_numeric_strings(digits: int) -> None:
+    u = ok(rec(add={"n": "9" * digits, "m": 1}))
+    if digits == 30:
+        assert u.ops["$add"] == {"n": float("9" * 30), "m": 1}
+    else:  # past the float range: skipped, never an error
+        assert u.ops["$add"] == {"m": 1}
+        assert [s.field for s in u.skips] == ["$add.n"]
+
+
+# --- any JSON: an Update or a Rejection, never an exception -----------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=300),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+top_keys = st.sampled_from(
+    [
+        "$token",
+        "$distinct_id",
+        "$time",
+        "$ignore_time",
+        "$ip",
+        "$delete",
+        "$set",
+        "$set_once",
+        "$add",
+        "$union",
+        "$append",
+        "$remove",
+        "$unset",
+        "other",
+    ]
+)
+
+
+@given(st.dictionaries(top_keys, json_values, max_size=6), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_any_record_validates_without_error(raw: dict[str, Any], check_size: bool) -> None:
+    out = Validator().validate(raw, 0, NOW, check_size=check_size)
+    if isinstance(out, Rejection):
+        assert out.field and out.message
+        return
+    assert out.token == raw["$token"] and out.distinct_id
+    assert out.ops and set(out.ops) <= KNOWN_OPS
+    # what is kept is storable JSON, within the string, name and nesting limits
+    orjson.dumps(out.ops)
+    for value in out.ops.values():
+        if isinstance(value, dict):
+            for name, item in value.items():
+                assert len(name) <= 255
+                assert_within_limits(item, 0)
+
+
+def assert_within_limits(value: Any, depth: int) -> None:
+    if isinstance(value, str):
+        assert len(value.encode("utf-8", "surrogatepass")) <= 255
+    elif isinstance(value, list):
+        for item in value:
+            assert_within_limits(item, depth)
+    elif isinstance(value, dict):
+        assert depth < 3 and len(value) <= 255
+        for name, item in value.items():
+            assert len(name) <= 255
+            assert_within_limits(item, depth + 1)

@@ -19,7 +19,12 @@ PAYLOADS = [
 
 @pytest.mark.parametrize("payload", PAYLOADS)
 async def test_injection_is_harmless(client: AppClient, payload: str) -> None:
-    r = await client.http.post("/engage", json=[{"$token": "t", "$distinct_id": f"u{i}", "$set": {"name": f"n{i}"}} for i in range(3)])
+    r = await client.http.post(
+        "/engage",
+        json=[
+            {"$token": "t", "$distinct_id": f"u{i}", "$set": {"name": f"n{i}"}} for i in range(3)
+        ],
+    )
     assert r.text == "1"
     auth = client.auth("t")
     q = orjson.dumps(payload).decode()
@@ -38,12 +43,16 @@ async def test_injection_is_harmless(client: AppClient, payload: str) -> None:
     for params in attempts:
         r = await client.http.post("/api/query/engage", data=params, headers=auth)
         assert r.status_code in (200, 400, 403), (params, r.text)
-        if r.status_code == 200 and ("where" in params or "distinct_id" in params or "distinct_ids" in params):
+        if r.status_code == 200 and (
+            "where" in params or "distinct_id" in params or "distinct_ids" in params
+        ):
             ids = {p["$distinct_id"] for p in r.json()["results"]}
             assert ids <= {"u1"}, params  # nothing matched but what was asked for
         if "output_properties" in params:
             assert all(p["$properties"] == {} for p in r.json()["results"])
-    r = await client.http.post("/api/query/export", data={"where": f"properties[{q}] == 1"}, headers=auth)
+    r = await client.http.post(
+        "/api/query/export", data={"where": f"properties[{q}] == 1"}, headers=auth
+    )
     assert r.status_code == 200 and r.text == ""
     everything = await client.http.post("/api/query/engage", data={}, headers=auth)
     assert everything.json()["total"] == 3  # the table is intact

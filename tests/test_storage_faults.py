@@ -102,6 +102,7 @@ def test_full_disk_answers_503_and_recovers_when_space_returns(
             r = engage(server.url, {"$token": TOKEN, "$distinct_id": "u", "$append": {"k": k}})
             assert (r.status_code, r.text) == (200, "1")
         filler = fill(small_disk)
+
         def blob(name: str) -> dict[str, str]:  # ~130 kB: cannot fit on the full disk
             return {f"{name}{i}": "x" * 250 for i in range(500)}
 

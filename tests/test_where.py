@@ -21,7 +21,9 @@ from peoplebase.query.where import (
 
 
 def test_property_and_literals() -> None:
-    assert parse('properties["plan"] == "pro"') == Compare("==", Prop("plan", 0), Literal("pro", 22), 19)
+    assert parse('properties["plan"] == "pro"') == Compare(
+        "==", Prop("plan", 0), Literal("pro", 22), 19
+    )
     node = parse("properties['a'] != null")
     assert isinstance(node, Compare) and node.right == Literal(None, 19)
     assert parse("true").value is True  # type: ignore[union-attr]
@@ -71,7 +73,9 @@ def test_functions_and_datetime_typing() -> None:
     node = parse('not defined(properties["a"])')
     assert isinstance(node, Not) and isinstance(node.operand, Call)
     node = parse('datetime(properties["$last_seen"]) > "2024-01-01"')
-    assert isinstance(node, Compare) and node.right == Call("datetime", Literal("2024-01-01", 37), 37)
+    assert isinstance(node, Compare) and node.right == Call(
+        "datetime", Literal("2024-01-01", 37), 37
+    )
     assert matches(node, {"$last_seen": "2024-03-01T00:00:00"})
     assert not matches(node, {"$last_seen": "2023-03-01T00:00:00"})
     epoch = parse('datetime(properties["t"]) >= 1704067200')
@@ -97,7 +101,7 @@ def test_dates() -> None:
         ("", 0, "empty expression"),
         ('properties["a"] = 1', 16, "use '=='"),
         ('properties["a"] == ', 19, "end of expression"),
-        ('properties[a] == 1', 11, "quoted property name"),
+        ("properties[a] == 1", 11, "quoted property name"),
         ('"unterminated', 0, "unterminated string"),
         ('properties["a"] == 1 1', 21, "unexpected '1'"),
         ("(true", 5, "expected ')'"),

@@ -197,9 +197,7 @@ def test_get_without_data() -> None:
 
 
 def test_get_ignores_body() -> None:
-    p = parse_request(
-        "GET", b"data=" + b64(RECORD).encode(), "", "", b"[1]", MAX_BODY, MAX_RECORDS
-    )
+    p = parse_request("GET", b"data=" + b64(RECORD).encode(), "", "", b"[1]", MAX_BODY, MAX_RECORDS)
     assert records(p) == [RECORD]
 
 
@@ -237,9 +235,7 @@ def test_gzip_bomb_refused() -> None:
 def test_gzip_at_the_limit_accepted() -> None:
     data = json.dumps([RECORD]).encode()
     body = gzip.compress(data)
-    assert records(post(body, "application/json", encoding="gzip", max_body=len(data))) == [
-        RECORD
-    ]
+    assert records(post(body, "application/json", encoding="gzip", max_body=len(data))) == [RECORD]
     with pytest.raises(RequestTooLarge):
         post(body, "application/json", encoding="gzip", max_body=len(data) - 1)
 

@@ -35,6 +35,9 @@ class BadQuery(Exception):
     """A parameter error: HTTP 400 with this message."""
 
 
+TOO_MANY_FAILURES = "too many failed authentications from this address; retry later"
+
+
 class QueryAPI:
     def __init__(self, app: PeoplebaseApp) -> None:
         self.app = app
@@ -61,9 +64,18 @@ class QueryAPI:
                 fields.update(parse_form(body.decode("utf-8")))
         except (ValueError, UnicodeError):
             return error_response(400, "parameters are not valid UTF-8", "Bad Request")
+        client = self.app.client_address.resolve(
+            (scope.get("client") or ("?",))[0], scope["headers"]
+        )
+        limiter = self.app.auth_limiter
+        blocked = limiter.blocked(client or "?")
+        if blocked:  # too many failures from this address: the credentials are not checked
+            return error_response(429, TOO_MANY_FAILURES, "Too Many Requests", blocked)
         loop = asyncio.get_running_loop()
         project = await loop.run_in_executor(None, self._authenticate, scope, fields)
         if isinstance(project, Response):
+            if project.status in (401, 403):
+                limiter.failed(client or "?")
             return project
         return project, fields
 

@@ -698,6 +698,7 @@ class PostgresStore:
                 with conn.transaction():
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     if timeout > 0:
+                        # sql: reviewed: SET takes no parameters; the value is an int
                         conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
                     yield conn
         except pg_errors.QueryCanceled as exc:

@@ -23,6 +23,7 @@ import apsw
 import orjson
 
 from ..merge import Key, LogEntry, Merger, ProfileRow, decode_update, encode_update
+from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
 from ..types import Applied, Props, Update
@@ -231,15 +232,18 @@ class SqliteStore:
         reorder_window: float = 7 * 86400.0,
         max_properties: int = 2000,
         open_tokens: bool = True,
+        indexed_properties: tuple[str, ...] = ("$email", "$name"),
     ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
+        self.indexed_properties = tuple(indexes.check_name(n) for n in indexed_properties)
         self.merger = Merger(reorder_window, max_properties, open_tokens)
         self._local = threading.local()
         self._write_conn: apsw.Connection | None = None
         self._token_ids: dict[str, int] = {}
         self._pending_ids: dict[str, int] = {}
         self._write_lock = threading.Lock()
+        self._next_optimize = 0.0
 
     # --- connections ----------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ class SqliteStore:
         conn = apsw.Connection(self.path)
         conn.setbusytimeout(10_000)
         conn.execute("PRAGMA journal_mode = WAL")
+        # sql: reviewed: PRAGMA takes no parameters; synchronous is one of the setting's choices
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint = 10000")
         conn.execute("PRAGMA temp_store = MEMORY")
@@ -275,6 +280,31 @@ class SqliteStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
 
+    def sync_property_indexes(self, names: tuple[str, ...] | None = None) -> None:
+        """Create an index per indexed property; drop those no longer configured."""
+        if names is not None:
+            self.indexed_properties = tuple(indexes.check_name(n) for n in names)
+        conn = self._writer()
+        wanted = {indexes.sqlite_index_name(n): n for n in self.indexed_properties}
+        with self._write_lock, conn:
+            existing = {
+                str(name)
+                for (name,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'profiles_prop_%'"
+                )
+            }
+            for index in existing - set(wanted):
+                # sql: reviewed: a name of ours read back from sqlite_master (profiles_prop_<hex>)
+                conn.execute(f'DROP INDEX "{index}"')
+            for index, name in wanted.items():
+                if index not in existing:
+                    log.info("indexing property %r (%s)", name, index)
+                    conn.execute(  # sql: reviewed: DDL; index name and expression are checked
+                        f'CREATE INDEX "{index}" ON profiles '
+                        f"(project_id, {indexes.sqlite_expression(name)})"
+                    )
+        self.analyze()
+
     def migrate(self) -> int:
         conn = self._writer()
         with self._write_lock:
@@ -285,7 +315,7 @@ class SqliteStore:
                     continue
                 with conn:
                     conn.execute(sql)
-                    conn.execute(f"PRAGMA user_version = {int(version)}")
+                    conn.execute(f"PRAGMA user_version = {int(version)}")  # sql: reviewed: int
                 applied = version
                 log.info("applied migration %04d to %s", version, self.path)
             return applied
@@ -336,7 +366,28 @@ class SqliteStore:
                 self._drop_writer()
                 raise StoreUnavailable(str(exc)) from exc
             self._token_ids.update(self._pending_ids)
+            if time.monotonic() >= self._next_optimize:
+                self._optimize(conn)
             return results
+
+    OPTIMIZE_EVERY = 600.0
+
+    def _optimize(self, conn: apsw.Connection) -> None:
+        """Keep the planner's statistics fresh (cheap: sampled, and only where stale)."""
+        self._next_optimize = time.monotonic() + self.OPTIMIZE_EVERY
+        try:
+            conn.execute("PRAGMA analysis_limit = 400")
+            conn.execute("PRAGMA optimize")
+        except _UNAVAILABLE as exc:
+            log.warning("PRAGMA optimize failed: %s", exc)
+
+    def analyze(self) -> None:
+        """Gather the planner's statistics now (done at start and every 10 minutes of writes)."""
+        conn = self._writer()
+        with self._write_lock:
+            conn.execute("PRAGMA analysis_limit = 400")
+            conn.execute("ANALYZE")
+            self._next_optimize = time.monotonic() + self.OPTIMIZE_EVERY
 
     # --- projects -------------------------------------------------------------------------
 
@@ -500,8 +551,8 @@ class SqliteStore:
         """A where expression → (SQL condition over `props`, parameters)."""
         from ..query import where as where_lang
 
-        compiled = where_lang.compile_expression(expression, "sqlite")
-        return compiled[0], list(compiled[1])
+        cond, params = self._where_sql(where_lang.parse(expression))
+        return cond, list(params)
 
     def property_names(self, project_id: int, sample: int = 500) -> list[str]:
         """Property names seen in a sample of the project's profiles (for column pickers)."""
@@ -569,11 +620,13 @@ class SqliteStore:
 
     _SESSION_CHUNK = 20_000
 
-    @staticmethod
-    def _where_sql(where: Node | None) -> tuple[str, tuple[Any, ...]]:
+    def _where_sql(self, where: Node | None) -> tuple[str, tuple[Any, ...]]:
+        """The compiled condition, plus literal-path equalities that indexed properties answer."""
         if where is None:
             return "1", ()
-        return compile_where(where, "sqlite")
+        cond, params = compile_where(where, "sqlite")
+        hints, hint_params = indexes.sqlite_hints(where, self.indexed_properties)
+        return f"({cond}){hints}", (*params, *hint_params)
 
     def start_query_session(
         self, project_id: int, where: Node | None, ttl: float, timeout: float

@@ -215,6 +215,17 @@ class WebUI:
                 403,
                 message="This sign-in form has expired or came from another site. Reload and try again.",
             )
+        client = (
+            self.app.client_address.resolve((scope.get("client") or ("?",))[0], scope["headers"])
+            or "?"
+        )
+        blocked = self.app.auth_limiter.blocked(client)
+        if blocked:  # too many failed sign-ins from this address: the secret is not checked
+            page = self._login_page(
+                scope, "Too many failed sign-ins from your address; wait a minute.", 429
+            )
+            page.headers.append((b"retry-after", str(blocked).encode()))
+            return page
         secret = form.get("secret", "").strip()
         project = None
         who = "project secret"
@@ -228,6 +239,7 @@ class WebUI:
         elif secret:
             project = self.store.project_by_secret(secret)
         if project is None:
+            self.app.auth_limiter.failed(client)
             time.sleep(0.2)  # slow down guessing
             return self._login_page(scope, "Those credentials do not open any project.", 401)
         cookie, _ = self.signer.issue(project.id, who)
