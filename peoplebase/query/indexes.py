@@ -39,6 +39,11 @@ def sqlite_expression(name: str) -> str:
     return "json_extract(props, '$.\"" + check_name(name) + "\"')"
 
 
+def postgres_expression(name: str) -> str:
+    """The indexed JSONB expression; `name` has passed check_name, so the literal is safe."""
+    return "(props -> '" + check_name(name) + "')"
+
+
 def sqlite_index_name(name: str) -> str:
     return "profiles_prop_" + hashlib.sha1(name.encode()).hexdigest()[:16]
 
@@ -74,3 +79,12 @@ def sqlite_hints(node: Node | None, indexed: tuple[str, ...]) -> tuple[str, tupl
     terms = equality_terms(node, indexed)
     sql = "".join(f" AND {sqlite_expression(name)} = ?" for name, _ in terms)
     return sql, tuple(value for _, value in terms)
+
+
+def postgres_hints(node: Node | None, indexed: tuple[str, ...]) -> tuple[str, tuple[Any, ...]]:
+    """Like sqlite_hints: JSONB equality (3 == 3.0 there too) that an expression index answers."""
+    import orjson
+
+    terms = equality_terms(node, indexed)
+    sql = "".join(f" AND {postgres_expression(name)} = %s::jsonb" for name, _ in terms)
+    return sql, tuple(orjson.dumps(value).decode() for _, value in terms)

@@ -38,6 +38,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..merge import Key, LogEntry, Merger, ProfileRow, decode_update, encode_update
+from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
 from ..query.where import parse as parse_where
@@ -265,6 +266,7 @@ class PostgresStore:
         self.open_tokens = open_tokens
         self.merger = Merger(reorder_window, max_properties, open_tokens)
         self.pool_size = pool_size
+        self.indexed_properties: tuple[str, ...] = ("$email", "$name")
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._write_conn: psycopg.Connection[Any] | None = None
         self._write_lock = threading.Lock()
@@ -644,8 +646,40 @@ class PostgresStore:
 
     def compile_where(self, expression: str) -> tuple[str, list[Any]]:
         """A where expression → (SQL condition over the JSONB `props`, parameters)."""
-        cond, params = compile_where(parse_where(expression), "postgres")
+        cond, params = self._where_sql(parse_where(expression))
         return cond, list(params)
+
+    def sync_property_indexes(self, names: tuple[str, ...] | None = None) -> None:
+        """An expression index per indexed property; drop those no longer configured.
+
+        Every node runs this at start, so give them all the same `indexed_properties`.
+        """
+        if names is not None:
+            self.indexed_properties = tuple(indexes.check_name(n) for n in names)
+        wanted = {indexes.sqlite_index_name(n): n for n in self.indexed_properties}
+        conn = self._connect()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            existing = {
+                str(name)
+                for (name,) in conn.execute(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'profiles' "
+                    "AND schemaname = current_schema() AND indexname LIKE 'profiles_prop_%%'"
+                )
+            }
+            for index in sorted(existing - set(wanted)):
+                conn.execute(f'DROP INDEX IF EXISTS "{index}"')  # a name of ours: profiles_prop_<hex>
+            for index, name in wanted.items():
+                if index not in existing:
+                    log.info("indexing property %r (%s)", name, index)
+                    conn.execute(
+                        f'CREATE INDEX IF NOT EXISTS "{index}" ON profiles '  # checked name
+                        f"(project_id, {indexes.postgres_expression(name)})"
+                    )
+            conn.execute("ANALYZE profiles")
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        finally:
+            conn.close()
 
     def property_names(self, project_id: int, sample: int = 500) -> list[str]:
         """Property names seen in a sample of the project's profiles (for column pickers)."""
@@ -714,11 +748,13 @@ class PostgresStore:
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise StoreUnavailable(f"cannot write to {self.name}: {exc}") from exc
 
-    @staticmethod
-    def _where_sql(where: Node | None) -> tuple[str, tuple[Any, ...]]:
+    def _where_sql(self, where: Node | None) -> tuple[str, tuple[Any, ...]]:
+        """The compiled condition, plus JSONB equalities that indexed properties answer."""
         if where is None:
             return "true", ()
-        return compile_where(where, "postgres")
+        cond, params = compile_where(where, "postgres")
+        hints, hint_params = indexes.postgres_hints(where, self.indexed_properties)
+        return f"({cond}){hints}", (*params, *hint_params)
 
     def start_query_session(
         self, project_id: int, where: Node | None, ttl: float, timeout: float

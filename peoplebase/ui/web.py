@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 HTML = b"text/html; charset=utf-8"
 PAGE = 50
-STATIC_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8"}
+STATIC_TYPES = {
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
 
 
 def _type_of(value: Any) -> str:
