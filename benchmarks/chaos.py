@@ -51,7 +51,7 @@ TOKEN = "chaos"
 PROFILES = 12
 PRIME = 1_000_003  # > every rid: rid -> rid * 7919 % PRIME is one-to-one
 CLIENT_SPAN = 100_000  # rid = client * CLIENT_SPAN + k
-T0 = float(int(time.time()) - 30_000)
+T0 = float(int(time.time()) - 30_000)  # the harness passes its own to every client process
 
 
 def time_of(rid: int) -> float:
@@ -84,8 +84,10 @@ def records_of(rid: int) -> list[dict[str, Any]]:
 # --- clients ----------------------------------------------------------------------------------
 
 
-def client_main(url: str, number: int, ledger_path: str, stop_path: str) -> None:
+def client_main(url: str, number: int, ledger_path: str, stop_path: str, t0: float) -> None:
     """One client process: send requests until `stop_path` exists; keep the ledger."""
+    global T0
+    T0 = t0  # a spawned process imported this module anew: use the harness' epoch
     k = 0
     with open(ledger_path, "a", buffering=1) as ledger, httpx.Client(timeout=10) as http:
         while not os.path.exists(stop_path):
@@ -149,6 +151,15 @@ class ChaosFailure(AssertionError):
     pass
 
 
+def _first_difference(got: Any, expected: Any) -> str:
+    if isinstance(got, list) and isinstance(expected, list):
+        i = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+        if i is None:
+            return f"lengths {len(got)} and {len(expected)}"
+        return f"at {i}: stored {got[max(i - 2, 0) : i + 3]}, expected {expected[max(i - 2, 0) : i + 3]}"
+    return f"stored {got!r}, expected {expected!r}"
+
+
 def check(profiles: dict[str, dict[str, Any]], sent: set[int], acked: set[int], note: str) -> int:
     """The invariants of the module docstring; returns how many requests are stored."""
     holders: dict[int, set[str]] = {}
@@ -161,7 +172,9 @@ def check(profiles: dict[str, dict[str, Any]], sent: set[int], acked: set[int], 
         expected = fold(ids)
         got = {k: props.get(k) for k in expected}
         if got != expected:
-            diff = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+            diff = {
+                k: _first_difference(got[k], expected[k]) for k in expected if got[k] != expected[k]
+            }
             raise ChaosFailure(f"{note}: {did} differs from the reference fold: {diff}")
     stored = set(holders)
     never_sent = stored - sent
@@ -329,7 +342,8 @@ def run(
         server.start()
         procs = [
             ctx.Process(
-                target=client_main, args=(server.url, i + 1, str(ledgers[i]), str(stop_path))
+                target=client_main,
+                args=(server.url, i + 1, str(ledgers[i]), str(stop_path), T0),
             )
             for i in range(clients)
         ]

@@ -51,6 +51,7 @@ class Case:
     late: float = 0.10  # share of records arriving out of $time order
     query_at_half_rate: bool = False
     extra: list[str] = field(default_factory=list)  # more `peoplebase serve` flags
+    records: int = 0  # records sent (0: the run's --records)
     label: str = ""
 
     @property
@@ -118,6 +119,7 @@ def seeded_db(opts: Options, profiles: int) -> tuple[Path, str]:
 
 
 def bodies_file(opts: Options, case: Case) -> Path:
+    records = case.records or opts.records_per_case
     spec = WorkloadSpec(
         profiles=case.profiles,
         batch=case.batch,
@@ -128,13 +130,13 @@ def bodies_file(opts: Options, case: Case) -> Path:
     )
     path = opts.workdir / (
         f"bodies-{case.profiles}-{case.batch}-{case.concurrency}-{opts.zipf}-{case.late}-"
-        f"{opts.seed}-{opts.records_per_case}.jsonl"
+        f"{opts.seed}-{records}.jsonl"
     )
     if not path.exists():
-        log(opts, f"generating {opts.records_per_case} records in batches of {case.batch}")
+        log(opts, f"generating {records} records in batches of {case.batch}")
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            for body in Workload(spec).bodies(opts.records_per_case):
+            for body in Workload(spec).bodies(records):
                 f.write(body + b"\n")
         tmp.rename(path)
         _check_bodies(path)
@@ -263,7 +265,7 @@ def run_case(opts: Options, case: Case) -> dict[str, Any]:
     """The three measurements of one case; end to end and storage apply the same records."""
     seed, secret = seeded_db(opts, case.profiles)
     bodies = bodies_file(opts, case)
-    total_bodies = max(1, opts.records_per_case // case.batch)
+    total_bodies = max(1, (case.records or opts.records_per_case) // case.batch)
     warm = max(1, round(total_bodies * opts.warmup_fraction))
     row: dict[str, Any] = {"case": case.name, "profiles": case.profiles, "batch": case.batch}
     row.update(concurrency=case.concurrency, synchronous=case.synchronous)
@@ -431,7 +433,14 @@ def cases(args: argparse.Namespace) -> list[Case]:
             Case(1_000_000, 50, 16),
             Case(1_000_000, 2000, 16),
             # overload: far more records in flight than the queue takes; p99 must stay bounded
-            Case(100_000, 2000, 64, extra=["--queue-records", "40000"], label="overload"),
+            Case(
+                100_000,
+                2000,
+                64,
+                extra=["--queue-records", "40000"],
+                label="overload",
+                records=600_000,
+            ),
         ]
     return chosen
 

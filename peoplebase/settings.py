@@ -46,8 +46,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "synchronous",
         "full",
-        "SQLite durability: 'full' fsyncs every commit before answering (a 200 survives power "
-        "loss); 'normal' may lose the last commits on power loss (not on a process crash).",
+        "Durability. SQLite: 'full' fsyncs every commit before answering (a 200 survives "
+        "power loss); 'normal' may lose the last commits on power loss (not on a process "
+        "crash). PostgreSQL: 'full' keeps the server's synchronous_commit; 'normal' sets "
+        "synchronous_commit = off (a database-server crash may lose the last commits).",
         ("full", "normal"),
     ),
     Setting(

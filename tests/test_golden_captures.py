@@ -30,6 +30,8 @@ import pytest
 
 from tests.conftest import CAPTURES, AppClient
 
+pytestmark = pytest.mark.all_backends  # the replays run on SQLite and on PostgreSQL
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SDKS = ["python", "node", "browser"]
 RECEIPT = "<receipt>"

@@ -10,7 +10,6 @@ import gzip
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +17,8 @@ import pytest
 from peoplebase.app import PeoplebaseApp
 from peoplebase.settings import Settings
 from tests.conftest import AppClient
+
+pytestmark = pytest.mark.all_backends  # every test on SQLite and on PostgreSQL
 
 TOKEN = "tok-limits"
 TOO_LARGE_STATUS = "Request Entity Too Large"
@@ -48,8 +49,9 @@ def nothing_stored(client: AppClient) -> bool:
 
 
 @asynccontextmanager
-async def app_client(tmp_path: Path, **changes: Any) -> AsyncIterator[AppClient]:
-    app = PeoplebaseApp(Settings(db=str(tmp_path / "limits.db"), tokens="open", **changes))
+async def app_client(db_url: str, **changes: Any) -> AsyncIterator[AppClient]:
+    """A client of an app with changed limits, on this test's database (`db_url` fixture)."""
+    app = PeoplebaseApp(Settings(db=db_url, tokens="open", **changes))
     app.startup()
     c = AppClient(app)
     try:
@@ -70,8 +72,8 @@ def too_large_body(limit: int) -> dict[str, Any]:
 # --- request body size ----------------------------------------------------------------------
 
 
-async def test_body_at_the_limit_is_accepted(tmp_path: Path) -> None:
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+async def test_body_at_the_limit_is_accepted(db_url: str) -> None:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         body = json.dumps([record("edge")]).encode()
         body += b" " * (1000 - len(body))
         assert len(body) == 1000
@@ -81,8 +83,8 @@ async def test_body_at_the_limit_is_accepted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("params", ["", "?verbose=1", "?strict=1", "?callback=cb"])
-async def test_body_over_the_limit_is_413(tmp_path: Path, params: str) -> None:
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+async def test_body_over_the_limit_is_413(db_url: str, params: str) -> None:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         body = json.dumps([record("big")]).encode()
         body += b" " * (1001 - len(body))
         r = await c.http.post("/engage" + params, content=body)
@@ -92,7 +94,7 @@ async def test_body_over_the_limit_is_413(tmp_path: Path, params: str) -> None:
         assert nothing_stored(c)
 
 
-async def test_streamed_body_is_not_read_past_the_limit(tmp_path: Path) -> None:
+async def test_streamed_body_is_not_read_past_the_limit(db_url: str) -> None:
     """A chunked body with no Content-Length: reading stops at the chunk crossing the limit."""
     chunk = b" " * 100
     sent = 0
@@ -104,7 +106,7 @@ async def test_streamed_body_is_not_read_past_the_limit(tmp_path: Path) -> None:
             sent += len(chunk)
             yield chunk
 
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         r = await c.http.post("/engage", content=stream())
         assert r.status_code == 413
         assert r.json() == too_large_body(1000)
@@ -112,9 +114,9 @@ async def test_streamed_body_is_not_read_past_the_limit(tmp_path: Path) -> None:
         assert nothing_stored(c)
 
 
-async def test_declared_content_length_over_the_limit_reads_nothing(tmp_path: Path) -> None:
+async def test_declared_content_length_over_the_limit_reads_nothing(db_url: str) -> None:
     """With Content-Length over the limit the body is refused before any of it is read."""
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         reads = 0
         sent: list[dict[str, Any]] = []
 
@@ -141,13 +143,13 @@ async def test_declared_content_length_over_the_limit_reads_nothing(tmp_path: Pa
 
 
 @pytest.mark.parametrize("limit", [1000, 10 * 1024 * 1024])
-async def test_gzip_bomb_is_413(tmp_path: Path, limit: int) -> None:
+async def test_gzip_bomb_is_413(db_url: str, limit: int) -> None:
     payload = json.dumps([record("bomb", set={"pad": "x"})]).encode()
     inflated = payload[:-1] + b" " * (limit * 2) + b"]"
     compressed = gzip.compress(inflated, compresslevel=9)
     assert len(compressed) < limit  # small on the wire, too big once inflated
     kwargs = {} if limit == 10 * 1024 * 1024 else {"max_body_bytes": limit}
-    async with app_client(tmp_path, **kwargs) as c:
+    async with app_client(db_url, **kwargs) as c:
         r = await c.http.post(
             "/engage",
             content=compressed,
@@ -158,8 +160,8 @@ async def test_gzip_bomb_is_413(tmp_path: Path, limit: int) -> None:
         assert nothing_stored(c)
 
 
-async def test_gzip_under_the_limit_once_inflated_is_accepted(tmp_path: Path) -> None:
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+async def test_gzip_under_the_limit_once_inflated_is_accepted(db_url: str) -> None:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         body = json.dumps([record("gz")]).encode()
         r = await c.http.post(
             "/engage", content=gzip.compress(body), headers={"Content-Encoding": "gzip"}
@@ -168,8 +170,8 @@ async def test_gzip_under_the_limit_once_inflated_is_accepted(tmp_path: Path) ->
         assert user_props(c, "gz") == {"plan": "pro"}
 
 
-async def test_event_endpoint_body_over_the_limit_is_413(tmp_path: Path) -> None:
-    async with app_client(tmp_path, max_body_bytes=1000) as c:
+async def test_event_endpoint_body_over_the_limit_is_413(db_url: str) -> None:
+    async with app_client(db_url, max_body_bytes=1000) as c:
         r = await c.http.post("/track", content=b"data=" + b"x" * 2000)
         assert r.status_code == 413
         assert r.json() == too_large_body(1000)
@@ -179,8 +181,8 @@ async def test_event_endpoint_body_over_the_limit_is_413(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("params", ["", "?verbose=1", "?strict=1", "?callback=cb", "?img=1"])
-async def test_too_many_records_is_400_and_nothing_applied(tmp_path: Path, params: str) -> None:
-    async with app_client(tmp_path, max_records=5) as c:
+async def test_too_many_records_is_400_and_nothing_applied(db_url: str, params: str) -> None:
+    async with app_client(db_url, max_records=5) as c:
         recs = [record(f"r{i}") for i in range(6)]
         r = await c.http.post("/engage" + params, json=recs)
         assert r.status_code == 400
@@ -208,8 +210,8 @@ async def test_default_record_limit_is_2000(client: AppClient) -> None:
 # --- one record -----------------------------------------------------------------------------
 
 
-async def test_record_over_the_size_limit_is_invalid_others_applied(tmp_path: Path) -> None:
-    async with app_client(tmp_path, max_record_bytes=2000) as c:
+async def test_record_over_the_size_limit_is_invalid_others_applied(db_url: str) -> None:
+    async with app_client(db_url, max_record_bytes=2000) as c:
         big = record("big", set={f"p{i}": "v" * 200 for i in range(20)})
         recs = [record("small-1"), big, record("small-2")]
         r = await c.http.post("/engage?strict=1", json=recs)
@@ -317,8 +319,8 @@ async def test_property_names_truncated_to_255_characters(client: AppClient) -> 
 # --- properties per profile -----------------------------------------------------------------
 
 
-async def test_property_count_limit_small(tmp_path: Path) -> None:
-    async with app_client(tmp_path, max_properties=5) as c:
+async def test_property_count_limit_small(db_url: str) -> None:
+    async with app_client(db_url, max_properties=5) as c:
         r = await c.http.post(
             "/engage?strict=1", json=[record("many", set={f"p{i}": i for i in range(8)})]
         )

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
-from peoplebase.store import SqliteStore
+from peoplebase.store import open_store
+
+pytestmark = pytest.mark.all_backends  # every test on SQLite and on PostgreSQL
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -18,8 +21,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_import_export_lines_and_updates_twice(tmp_path: Path) -> None:
-    db = str(tmp_path / "i.db")
+def test_import_export_lines_and_updates_twice(tmp_path: Path, db_url: str) -> None:
+    db = db_url
     assert run("projects", "create", "--db", db, "--token", "t").returncode == 0
     lines = [
         {"$distinct_id": "a", "$properties": {"plan": "pro", "$last_seen": "2024-01-02T03:04:05"}},
@@ -37,7 +40,7 @@ def test_import_export_lines_and_updates_twice(tmp_path: Path) -> None:
     rejected = [json.loads(x) for x in Path(summary["rejected_file"]).read_text().splitlines()]
     assert [r["line"] for r in rejected] == [4, 5, 6]
     assert "$distinct_id" in rejected[0]["error"] and "invalid JSON" in rejected[2]["error"]
-    store = SqliteStore(db)
+    store = open_store(db)
     store.open()
     project = store.project_by_token("t")
     assert project is not None
@@ -58,8 +61,8 @@ def test_import_export_lines_and_updates_twice(tmp_path: Path) -> None:
     store.close()
 
 
-def test_import_unknown_project(tmp_path: Path) -> None:
+def test_import_unknown_project(tmp_path: Path, db_url: str) -> None:
     source = tmp_path / "x.ndjson"
     source.write_text("{}\n")
-    r = run("import", "--db", str(tmp_path / "d.db"), "--project", "nope", str(source))
+    r = run("import", "--db", db_url, "--project", "nope", str(source))
     assert r.returncode != 0 and "no project" in r.stderr

@@ -2,8 +2,8 @@
 
 Both run a real server. The full disk is a 2 MB tmpfs the test mounts (the tests run as root;
 if the mount is impossible the test fails). The unwritable file is a read-only database file
-served by a process running as `nobody` (root ignores file permissions), made writable again
-while the server runs. In both cases:
+(served by a process running as `nobody`: root ignores file permissions) met when the server
+reopens its database after a fault, and made writable again while the server runs. In both cases:
 every write during the fault gets 503 with Retry-After and the log says why; nothing of a
 refused request is stored; the server takes writes again by itself once the fault is gone;
 what was committed before is intact and PRAGMA integrity_check passes.
@@ -12,7 +12,6 @@ what was committed before is intact and PRAGMA integrity_check passes.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import subprocess
 import sys
@@ -78,6 +77,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def big_props(name: str) -> dict[str, str]:
+    """~130 kB of properties: cannot fit on a full disk."""
+    return {f"{name}{i}": "x" * 250 for i in range(500)}
+
+
 def fill(disk: Path) -> Path:
     """Write a file until the filesystem is full; returns it."""
     filler = disk / "filler"
@@ -103,53 +107,50 @@ def test_full_disk_answers_503_and_recovers_when_space_returns(
             assert (r.status_code, r.text) == (200, "1")
         filler = fill(small_disk)
 
-        def blob(name: str) -> dict[str, str]:  # ~130 kB: cannot fit on the full disk
-            return {f"{name}{i}": "x" * 250 for i in range(500)}
-
         for k in range(5):
-            r = engage(server.url, {"$token": TOKEN, "$distinct_id": "u", "$set": blob(f"b{k}_")})
+            r = engage(
+                server.url, {"$token": TOKEN, "$distinct_id": "u", "$set": big_props(f"b{k}_")}
+            )
             assert_unavailable(r)
         text = log.read_text()
         assert "storage cannot commit, answering 503: database or disk is full" in text
         filler.unlink()  # space returns: the next write commits, with no restart
-        r = engage(server.url, {"$token": TOKEN, "$distinct_id": "u", "$set": blob("after")})
+        r = engage(server.url, {"$token": TOKEN, "$distinct_id": "u", "$set": big_props("after")})
         assert (r.status_code, r.text) == (200, "1")
     finally:
         assert server.stop() == 0
     props = profile(db, "u")
     assert props["k"] == list(range(20))
-    assert {k: v for k, v in props.items() if k.startswith("after")} == blob("after")
-    assert set(props) == {"k"} | set(blob("after"))  # nothing of the refused requests
+    assert {k: v for k, v in props.items() if k.startswith("after")} == big_props("after")
+    assert set(props) == {"k"} | set(big_props("after"))  # nothing of the refused requests
     assert integrity(db) == "ok"
 
 
 @pytest.fixture
-def nobody_dir() -> Iterator[Path]:
-    """A directory `nobody` can use (pytest's tmp_path is private to root)."""
+def nobody_disk() -> Iterator[Path]:
+    """A 2 MB tmpfs owned by `nobody` (pytest's tmp_path is private to root)."""
     path = Path(tempfile.mkdtemp(prefix="peoplebase-ro-"))
     path.chmod(0o755)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755,uid=65534,gid=65534", "tmpfs", str(path)],
+        check=True,
+    )
     try:
         yield path
     finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
         shutil.rmtree(path, ignore_errors=True)
 
 
 def test_unwritable_database_file_answers_503_and_recovers(
-    nobody_dir: Path, tmp_path: Path
+    nobody_disk: Path, tmp_path: Path
 ) -> None:
-    db = nobody_dir / "ro.db"
-    subprocess.run(
-        [sys.executable, "-m", "peoplebase", "projects", "create", "--db", str(db),
-         "--token", TOKEN],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    """A storage fault makes the server reopen its database; meanwhile the file became
+    read-only. Writes answer 503 until it is writable again, then succeed without a restart."""
+    db = nobody_disk / "ro.db"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "ro.log"
-    shutil.chown(nobody_dir, "nobody", "nogroup")
-    shutil.chown(db, "nobody", "nogroup")
-    db.chmod(0o444)  # the server opens a database file it cannot write
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
@@ -169,6 +170,16 @@ def test_unwritable_database_file_answers_503_and_recovers(
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        r = engage(url, {"$token": TOKEN, "$distinct_id": "u", "$set": {"before": 1}})
+        assert (r.status_code, r.text) == (200, "1")
+        filler = fill(nobody_disk)  # a fault: the server drops its write connection
+        assert_unavailable(
+            engage(url, {"$token": TOKEN, "$distinct_id": "u", "$set": big_props("full")})
+        )
+        for path in nobody_disk.iterdir():
+            if path != filler:
+                path.chmod(0o444)  # the database and its WAL files become read-only
+        filler.unlink()  # space is back, but the file cannot be written
         for k in range(3):
             assert_unavailable(
                 engage(url, {"$token": TOKEN, "$distinct_id": "u", "$set": {f"ro{k}": k}})
@@ -177,7 +188,7 @@ def test_unwritable_database_file_answers_503_and_recovers(
             "storage cannot commit, answering 503: attempt to write a readonly database"
             in log.read_text()
         )
-        for path in nobody_dir.iterdir():
+        for path in nobody_disk.iterdir():
             path.chmod(0o644)  # fixed: the server reopens the file by itself, no restart
         r = engage(url, {"$token": TOKEN, "$distinct_id": "u", "$set": {"after": 1}})
         assert (r.status_code, r.text) == (200, "1")
@@ -185,6 +196,5 @@ def test_unwritable_database_file_answers_503_and_recovers(
         proc.terminate()
         assert proc.wait(30) == 0
     props = profile(db, "u")
-    assert props == {"after": 1}  # and nothing of the refused requests
+    assert props == {"before": 1, "after": 1}  # and nothing of the refused requests
     assert integrity(db) == "ok"
-    assert os.stat(db).st_uid != 0

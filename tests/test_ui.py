@@ -12,6 +12,8 @@ from peoplebase.ui.history import late_seqs
 from peoplebase.ui.session import Signer
 from tests.conftest import AppClient
 
+pytestmark = pytest.mark.all_backends  # tests taking `client` run on SQLite and on PostgreSQL
+
 TOKEN = "ui-token"
 
 

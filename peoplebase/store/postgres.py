@@ -129,8 +129,28 @@ def citus_sql() -> str:
     return resources.files("peoplebase.store").joinpath("sql/postgres/citus.sql").read_text()
 
 
+# orjson writes a float of 1e16 or more (always integral) with an exponent: "1e+16". JSONB
+# keeps numbers as `numeric` and gives that back as 10000000000000000, which reads as an int:
+# a profile's 1e16 would come back an int, and a later `$add` would not round as on SQLite.
+# Written out with a decimal point ("10000000000000000.0"), the number keeps its scale in JSONB
+# and reads back as the same float. (The first alternative skips strings.)
+_MAYBE_EXPONENT = re.compile(r"\de\+")
+_STRING_OR_EXPONENT = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?e\+\d+')
+
+
+def _plain_float(match: re.Match[str]) -> str:
+    token = match.group(0)
+    return token if token[0] == '"' else f"{float(token):.1f}"
+
+
 def _dumps(value: Any) -> str | None:
-    return orjson.dumps(value).decode() if value is not None else None
+    """JSON for a JSONB column: floats come back floats (see _STRING_OR_EXPONENT)."""
+    if value is None:
+        return None
+    text = orjson.dumps(value).decode()
+    if _MAYBE_EXPONENT.search(text):
+        text = _STRING_OR_EXPONENT.sub(_plain_float, text)
+    return text
 
 
 def _loads(text: str | None) -> Any:
@@ -668,12 +688,13 @@ class PostgresStore:
                 )
             }
             for index in sorted(existing - set(wanted)):
-                conn.execute(f'DROP INDEX IF EXISTS "{index}"')  # a name of ours: profiles_prop_<hex>
+                # sql: reviewed: DDL; a name of ours read back from pg_indexes (profiles_prop_<hex>)
+                conn.execute(f'DROP INDEX IF EXISTS "{index}"')
             for index, name in wanted.items():
                 if index not in existing:
                     log.info("indexing property %r (%s)", name, index)
-                    conn.execute(
-                        f'CREATE INDEX IF NOT EXISTS "{index}" ON profiles '  # checked name
+                    conn.execute(  # sql: reviewed: DDL; index name and expression are checked
+                        f'CREATE INDEX IF NOT EXISTS "{index}" ON profiles '
                         f"(project_id, {indexes.postgres_expression(name)})"
                     )
             conn.execute("ANALYZE profiles")
