@@ -77,11 +77,15 @@ def pg_url(dbname: str) -> str:
 _DROP_DATABASES = """
 import sys, psycopg
 with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    names = [n for (n,) in conn.execute(
-        "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname DESC",
-        (sys.argv[2],))]
-    for name in names:
-        conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+    for prefix in sys.argv[2:]:
+        names = [n for (n,) in conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname DESC",
+            (prefix,))]
+        for name in names:
+            try:
+                conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+            except psycopg.Error:
+                pass
 """
 
 
@@ -107,8 +111,8 @@ class PostgresDatabases:
         PostgresStore(pg_url(self.template)).migrate()
 
     def _forget_dead_runs(self) -> None:
-        import psycopg
-
+        """Drop, in the background, the databases of earlier runs whose process is gone."""
+        dead: set[str] = set()
         for (name,) in self.admin.execute(
             "SELECT datname FROM pg_database WHERE starts_with(datname, 'pbtest_')"
         ).fetchall():
@@ -116,12 +120,18 @@ class PostgresDatabases:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                try:
-                    self.admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                except psycopg.Error:  # being dropped by that run's own cleanup
-                    pass
+                dead.add(f"pbtest_{pid}_")
             except PermissionError:
                 pass
+        if dead:
+            self._drop_in_background(sorted(dead))
+
+    @staticmethod
+    def _drop_in_background(prefixes: list[str]) -> None:
+        subprocess.run(
+            ["sh", "-c", 'nohup "$0" -c "$@" >/dev/null 2>&1 &', sys.executable, _DROP_DATABASES, PG_ADMIN_URL, *prefixes],
+            check=True,
+        )
 
     def create(self) -> str:
         self.count += 1
@@ -131,18 +141,7 @@ class PostgresDatabases:
 
     def close(self) -> None:
         self.admin.close()
-        subprocess.run(
-            [
-                "sh",
-                "-c",
-                'nohup "$0" -c "$1" "$2" "$3" >/dev/null 2>&1 &',
-                sys.executable,
-                _DROP_DATABASES,
-                PG_ADMIN_URL,
-                self.prefix,
-            ],
-            check=True,
-        )
+        self._drop_in_background([self.prefix])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
