@@ -80,7 +80,9 @@ class PeoplebaseApp:
             max_properties=settings.max_properties,
             open_tokens=settings.tokens_open,
         )
-        self.writer = Writer(self.store, settings.queue_records, settings.group_records)
+        self.writer = Writer(
+            self.store, settings.queue_records, settings.group_records, settings.queue_wait
+        )
         # Geolocation (docs/geolocation.md): the given lookup, else the one `geoip_db` names.
         self.client_address = ClientAddress(settings.trusted_proxies)
         self.geo_lookup: GeoLookup | None = geo if geo is not None else open_geo(settings.geoip_db)

@@ -349,7 +349,8 @@ def export_cmd(
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=False))
 def import_cmd(token: str, rejected: str, as_json: bool, db: str, file: str) -> None:
     """Import NDJSON: /engage update records, or profile-export lines
-    ({"$distinct_id", "$properties"}). Re-running the same import changes nothing."""
+    ({"$distinct_id", "$properties"}). Re-running an import changes nothing for export lines
+    and records with $time; records without $time are applied again (docs/query.md)."""
     import os
 
     from .importer import import_lines

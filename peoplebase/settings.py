@@ -72,6 +72,12 @@ SETTINGS: tuple[Setting, ...] = (
         200_000,
         "Records waiting for the writer; past it, ingestion answers 503 with Retry-After.",
     ),
+    Setting(
+        "queue_wait",
+        2.0,
+        "Seconds a request may expect to wait in the write queue (queued records at the recent "
+        "commit speed); past it, ingestion answers 503 with Retry-After. 0 turns it off.",
+    ),
     Setting("group_records", 20_000, "Most records one group commit takes from the queue."),
     Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
     Setting(
@@ -109,18 +115,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "query_timeout",
         30.0,
-        "Seconds one query may run before it is stopped (400); 0 for no limit.",
+        "Seconds one query (or one export batch) may run before it is stopped (400); 0 for no "
+        "limit.",
     ),
     Setting(
         "query_concurrency",
         5,
-        "Queries one project may run at the same time; more answer 429 with Retry-After.",
+        "Queries and exports one project may run at the same time; more answer 429 with "
+        "Retry-After.",
     ),
     Setting(
         "indexed_properties",
         "$email,$name",
-        "Comma-separated property names whose equality filters (properties[\"x\"] == \"v\") "
-        "are answered from an index (SQLite); each index costs a little on every write.",
+        'Comma-separated property names whose equality filters (properties["x"] == "v") '
+        "and the web page's search are answered from an index; each index costs a little on "
+        "every write. Give every node sharing a database the same list.",
     ),
     Setting("log_level", "info", "Log level.", ("debug", "info", "warning", "error")),
     Setting(
@@ -163,6 +172,7 @@ class Settings:
     max_record_bytes: int = 1_000_000
     max_properties: int = 2000
     queue_records: int = 200_000
+    queue_wait: float = 2.0
     group_records: int = 20_000
     retry_after: int = 1
     rate_limit: float = 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,11 +38,19 @@ class _Job:
 
 class Writer:
     def __init__(
-        self, store: ProfileStore, max_queued_records: int = 200_000, group_records: int = 20_000
+        self,
+        store: ProfileStore,
+        max_queued_records: int = 200_000,
+        group_records: int = 20_000,
+        max_wait: float = 2.0,
     ) -> None:
         self.store = store
         self.max_queued = max_queued_records
         self.group_records = group_records
+        self.max_wait = max_wait
+        # Commit speed, as decaying sums of records and seconds: expected wait = queue / speed.
+        self._speed_records = 0.0
+        self._speed_seconds = 0.0
         self._queue: deque[_Job] = deque()
         self._queued_records = 0
         self._cond = threading.Condition()
@@ -72,8 +81,13 @@ class Writer:
         with self._cond:
             if self._stopping:
                 raise WriterStopped()
-            if self._queued_records and self._queued_records + n > self.max_queued:
+            queued = self._queued_records
+            if queued and queued + n > self.max_queued:
                 raise Overloaded()
+            if queued and self.max_wait > 0 and self._speed_seconds > 0:
+                expected = (queued + n) * self._speed_seconds / self._speed_records
+                if expected > self.max_wait:
+                    raise Overloaded()
             self._queue.append(_Job(updates, future, loop))
             self._queued_records += n
             self._cond.notify()
@@ -118,11 +132,24 @@ class Writer:
             counts, self._counts = self._counts, {}
         return counts
 
+    @property
+    def expected_wait(self) -> float:
+        """Seconds the records now queued are expected to wait, at the recent commit speed."""
+        if self._speed_seconds <= 0:
+            return 0.0
+        return self._queued_records * self._speed_seconds / self._speed_records
+
     def _commit(self, jobs: list[_Job]) -> None:
         counts = self._take_counts()
+        started = time.monotonic()
         try:
             results = self.store.write_group([j.updates for j in jobs], counts)
             self.commits += 1
+            records = sum(len(j.updates) for j in jobs)
+            if records:
+                with self._cond:
+                    self._speed_records = 0.8 * self._speed_records + records
+                    self._speed_seconds = 0.8 * self._speed_seconds + (time.monotonic() - started)
         except StoreUnavailable as exc:
             self.failed_commits += 1
             log.error("storage cannot commit, answering 503: %s", exc)

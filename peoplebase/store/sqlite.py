@@ -112,6 +112,7 @@ class _Backend:
     def __init__(self, store: SqliteStore, conn: apsw.Connection) -> None:
         self.store = store
         self.conn = conn
+        self._log_rows: list[tuple[Any, ...]] = []
 
     def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -185,25 +186,23 @@ class _Backend:
         )
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
+        """Buffered: the whole group's log rows go in one executemany in save_profiles."""
         pid, did = key
-        self.conn.executemany(
-            "INSERT INTO updates (project_id, distinct_id, time, seq, received, dedup, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    pid,
-                    did,
-                    e.time,
-                    e.seq,
-                    e.update.received,
-                    e.dedup,
-                    encode_update(e.update).decode(),
-                )
-                for e in entries
-            ],
+        self._log_rows.extend(
+            (pid, did, e.time, e.seq, e.update.received, e.dedup, encode_update(e.update).decode())
+            for e in entries
         )
 
     def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None:
+        # The merger calls this once per group, after every delete_log and insert_log; the
+        # deletes have run already, so inserting the buffered rows now keeps their order.
+        if self._log_rows:
+            self.conn.executemany(
+                "INSERT INTO updates (project_id, distinct_id, time, seq, received, dedup, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                self._log_rows,
+            )
+            self._log_rows = []
         self.conn.executemany(
             "INSERT INTO profiles (project_id, distinct_id, props, last_time, base, tomb, log_min) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, distinct_id) DO UPDATE SET "
