@@ -35,8 +35,11 @@ def pg_database(admin: str, name: str) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')  # sql: reviewed: as above
     info = psycopg.conninfo.conninfo_to_dict(admin)
-    info["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+    user = info.get("user", "postgres")
+    password = f":{info['password']}" if info.get("password") else ""
+    host = info.get("host", "127.0.0.1")
+    port = info.get("port", 5432)
+    url = f"postgresql://{user}{password}@{host}:{port}/{name}"  # --db picks PostgreSQL by scheme
     PostgresStore(url).migrate()
     return url
 
@@ -130,7 +133,12 @@ def main(argv: list[str] | None = None) -> None:
             for old in work.glob("bench.db*"):
                 old.unlink()
             started = time.time()
-            result = run_case(make_db(), nodes, bodies, args.connections, work)
+            db = make_db()
+            result = run_case(db, nodes, bodies, args.connections, work)
+            if label == "PostgreSQL":  # the updates really landed in PostgreSQL
+                with psycopg.connect(db) as conn:
+                    row = conn.execute("SELECT count(*) FROM updates").fetchone()
+                    assert row is not None and row[0] > 0, f"no update reached {db}"
             rows.append((label, nodes, result, time.time() - started))
         with psycopg.connect(args.pg, autocommit=True) as conn:
             conn.execute('DROP DATABASE IF EXISTS "pb_bench" WITH (FORCE)')

@@ -124,7 +124,7 @@ class PeoplebaseApp:
                 try:
                     await asyncio.get_running_loop().run_in_executor(None, self.startup)
                 except Exception as exc:
-                    log.error("cannot start: %s", exc)
+                    # uvicorn logs this message and exits with status 3
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 self._watch_sighup(True)
@@ -261,6 +261,8 @@ class PeoplebaseApp:
     async def _engage(self, scope: Scope, receive: Receive) -> Response:
         settings = self.settings
         now = time.time()
+        if self.writer.overloaded():  # refuse before spending CPU on parsing and validation
+            return _unavailable("the write queue is full; retry later", settings.retry_after)
         try:
             body = await self._read_body(scope, receive)
             payload = parse_request(

@@ -127,7 +127,7 @@ def serve(**options: Any) -> None:
     server = uvicorn.Server(server_config(app, settings))
     mode = "open" if settings.tokens_open else "closed"
     click.echo(
-        f"peoplebase {__version__}: serving {settings.db} on http://{settings.host}:{settings.port} "
+        f"peoplebase {__version__}: starting on {settings.db}, serving http://{settings.host}:{settings.port} "
         f"(tokens {mode}, synchronous={settings.synchronous})",
         err=True,
     )

@@ -81,13 +81,8 @@ class Writer:
         with self._cond:
             if self._stopping:
                 raise WriterStopped()
-            queued = self._queued_records
-            if queued and queued + n > self.max_queued:
+            if self._over(n):
                 raise Overloaded()
-            if queued and self.max_wait > 0 and self._speed_seconds > 0:
-                expected = (queued + n) * self._speed_seconds / self._speed_records
-                if expected > self.max_wait:
-                    raise Overloaded()
             self._queue.append(_Job(updates, future, loop))
             self._queued_records += n
             self._cond.notify()
@@ -131,6 +126,20 @@ class Writer:
         with self._cond:
             counts, self._counts = self._counts, {}
         return counts
+
+    def _over(self, n: int) -> bool:
+        queued = self._queued_records
+        if not queued:
+            return False  # an empty queue always takes one request, however large
+        if queued + n > self.max_queued:
+            return True
+        if self.max_wait > 0 and self._speed_seconds > 0:
+            return (queued + n) * self._speed_seconds / self._speed_records > self.max_wait
+        return False
+
+    def overloaded(self) -> bool:
+        """Would a request be refused now? Checked before reading a body, to refuse cheaply."""
+        return self._over(0)
 
     @property
     def expected_wait(self) -> float:

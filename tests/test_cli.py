@@ -326,7 +326,7 @@ def test_bare_peoplebase_serves_with_env_settings(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
     assert db.exists() and not (tmp_path / "peoplebase.db").exists()
-    assert f"serving {db} on http://127.0.0.1:{port}" in log.read_text()
+    assert f"starting on {db}, serving http://127.0.0.1:{port}" in log.read_text()
     got = run("profiles", "get", "--project", "env", "u", "--db", str(db))
     assert json.loads(got.stdout)["$properties"]["a"] == 1
 

@@ -202,3 +202,28 @@ async def test_where_filter_selects_profiles(client: AppClient) -> None:
     page = await client.http.get("/ui/profiles", params={"where": 'properties["plan"] == "pro" and properties["n"] > 1'})
     found = sorted(set(re.findall(r'href="/ui/profiles/(p\d)"', page.text)))
     assert found == ["p3", "p5"]
+
+
+async def test_service_account_signs_in_to_its_projects_only(client: AppClient) -> None:
+    await send(client, [{"$token": TOKEN, "$distinct_id": "s1", "$set": {"a": 1}}])
+    await send(client, [{"$token": "other-token", "$distinct_id": "s2", "$set": {"a": 2}}])
+    store = client.app.store
+    mine = store.project_by_token(TOKEN)
+    other = store.project_by_token("other-token")
+    assert mine is not None and other is not None
+    account, secret = store.create_service_account("ui-reader", [mine.id])
+    credentials = f"{account.username}:{secret}"
+
+    async def attempt(project_id: int, text: str) -> httpx.Response:
+        page = await client.http.get("/ui/login")
+        return await client.http.post(
+            "/ui/login", data={"csrf": csrf_of(page.text), "secret": text, "project_id": str(project_id)}
+        )
+
+    assert (await attempt(other.id, credentials)).status_code == 401
+    assert (await attempt(mine.id, f"{account.username}:wrong")).status_code == 401
+    ok = await attempt(mine.id, credentials)
+    assert ok.status_code == 303
+    overview = await client.http.get("/ui/")
+    assert f"(id {mine.id})" in overview.text
+    assert f"<code>{TOKEN}</code>" in overview.text

@@ -236,9 +236,9 @@ class WebUI:
         if ":" in secret:
             user, _, password = secret.partition(":")
             pid_text = form.get("project_id", "").strip()
-            authenticate = getattr(self.store, "authenticate_account", None)
-            if authenticate is not None and pid_text.isdigit():
-                project = authenticate(user, password, int(pid_text))
+            account = self.store.service_account(user, password) if password else None
+            if account is not None and pid_text.isdigit() and int(pid_text) in account.project_ids:
+                project = self.store.project_by_id(int(pid_text))
                 who = user
         elif secret:
             project = self.store.project_by_secret(secret)
