@@ -261,10 +261,12 @@ class PeoplebaseApp:
     async def _engage(self, scope: Scope, receive: Receive) -> Response:
         settings = self.settings
         now = time.time()
-        if self.writer.overloaded():  # refuse before spending CPU on parsing and validation
-            return _unavailable("the write queue is full; retry later", settings.retry_after)
+        overloaded = self.writer.overloaded()
         try:
             body = await self._read_body(scope, receive)
+            if overloaded:  # refuse before parsing and validating; the body is read so the
+                # client gets the 503 on a connection that stays usable
+                return _unavailable("the write queue is full; retry later", settings.retry_after)
             payload = parse_request(
                 scope["method"],
                 scope.get("query_string", b""),

@@ -51,6 +51,7 @@ class Writer:
         # Commit speed, as decaying sums of records and seconds: expected wait = queue / speed.
         self._speed_records = 0.0
         self._speed_seconds = 0.0
+        self._committing = 0  # records of the commit under way
         self._queue: deque[_Job] = deque()
         self._queued_records = 0
         self._cond = threading.Condition()
@@ -106,14 +107,22 @@ class Writer:
                     self._cond.wait()
             jobs: list[_Job] = []
             records = 0
-            while self._queue and (
-                not jobs or records + len(self._queue[0].updates) <= self.group_records
-            ):
+            limit = self._group_limit()
+            while self._queue and (not jobs or records + len(self._queue[0].updates) <= limit):
                 job = self._queue.popleft()
                 jobs.append(job)
                 records += len(job.updates)
             self._queued_records -= records
+            self._committing = records
             return jobs
+
+    def _group_limit(self) -> int:
+        """Records for one commit: group_records, and with a wait limit, no more than a
+        quarter of it in commit work at the recent speed (so one commit cannot eat the wait)."""
+        if self.max_wait <= 0 or self._speed_seconds <= 0:
+            return self.group_records
+        per_second = self._speed_records / self._speed_seconds
+        return max(1, min(self.group_records, int(per_second * self.max_wait / 4)))
 
     def _run(self) -> None:
         while True:
@@ -121,6 +130,8 @@ class Writer:
             if jobs is None:
                 return
             self._commit(jobs)
+            with self._cond:
+                self._committing = 0
 
     def _take_counts(self) -> dict[tuple[str, str], int]:
         with self._cond:
@@ -134,7 +145,8 @@ class Writer:
         if queued + n > self.max_queued:
             return True
         if self.max_wait > 0 and self._speed_seconds > 0:
-            return (queued + n) * self._speed_seconds / self._speed_records > self.max_wait
+            ahead = queued + n + self._committing  # the commit under way is waited for too
+            return ahead * self._speed_seconds / self._speed_records > self.max_wait
         return False
 
     def overloaded(self) -> bool:
@@ -176,7 +188,6 @@ class Writer:
             _resolve([(jobs[0], None, exc)])
             return
         _resolve([(j, r, None) for j, r in zip(jobs, results, strict=True)])
-
 
     def _restore_counts(self, counts: dict[tuple[str, str], int]) -> None:
         for (token, outcome), n in counts.items():
