@@ -45,6 +45,7 @@ from .wire import (
     parse_request,
     valid_callback,
 )
+from .writeproc import ProcessWriteStore
 from .writer import Overloaded, Writer, WriterStopped
 
 log = logging.getLogger(__name__)
@@ -73,15 +74,24 @@ class PeoplebaseApp:
         self, settings: Settings, store: ProfileStore | None = None, geo: GeoLookup | None = None
     ) -> None:
         self.settings = settings
-        self.store = store or open_store(
-            settings.db,
-            synchronous=settings.synchronous,
-            reorder_window=settings.reorder_window,
-            max_properties=settings.max_properties,
-            open_tokens=settings.tokens_open,
+        store_kwargs: dict[str, Any] = {
+            "synchronous": settings.synchronous,
+            "reorder_window": settings.reorder_window,
+            "max_properties": settings.max_properties,
+            "open_tokens": settings.tokens_open,
+        }
+        self.store = store or open_store(settings.db, **store_kwargs)
+        # With `--writer process` the merge and the commits run in a child process.
+        self.write_process = (
+            ProcessWriteStore(settings.db, **store_kwargs)
+            if settings.writer == "process" and store is None
+            else None
         )
         self.writer = Writer(
-            self.store, settings.queue_records, settings.group_records, settings.queue_wait
+            self.write_process or self.store,  # type: ignore[arg-type]
+            settings.queue_records,
+            settings.group_records,
+            settings.queue_wait,
         )
         # Geolocation (docs/geolocation.md): the given lookup, else the one `geoip_db` names.
         self.client_address = ClientAddress(settings.trusted_proxies)
@@ -109,12 +119,16 @@ class PeoplebaseApp:
         sync_indexes = getattr(self.store, "sync_property_indexes", None)
         if sync_indexes is not None:
             sync_indexes(parse_indexed(self.settings.indexed_properties))
+        if self.write_process is not None:
+            self.write_process.start()
         self.writer.start()
         self.ready = True
 
     def shutdown(self) -> None:
         self.ready = False
         self.writer.stop()
+        if self.write_process is not None:
+            self.write_process.close()
         self.store.close()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

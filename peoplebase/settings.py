@@ -79,6 +79,13 @@ SETTINGS: tuple[Setting, ...] = (
         "commit speed); past it, ingestion answers 503 with Retry-After. 0 turns it off.",
     ),
     Setting("group_records", 20_000, "Most records one group commit takes from the queue."),
+    Setting(
+        "writer",
+        "thread",
+        "Where merges and commits run: 'thread' (a thread of the server process) or 'process' "
+        "(a child process with a core of its own; parsing and commits then overlap).",
+        ("thread", "process"),
+    ),
     Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
     Setting(
         "rate_limit",
@@ -174,6 +181,7 @@ class Settings:
     queue_records: int = 200_000
     queue_wait: float = 2.0
     group_records: int = 20_000
+    writer: str = "thread"
     retry_after: int = 1
     rate_limit: float = 0.0
     rate_burst: int = 0

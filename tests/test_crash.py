@@ -102,14 +102,15 @@ def check(server: ServerProcess, ledger: Ledger, note: str) -> int:
     return len(stored)
 
 
-def test_sigkill_loses_no_acknowledged_update(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigkill_loses_no_acknowledged_update(tmp_path: Path, writer: str) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     db = tmp_path / "crash.db"
     ledger = Ledger()
     for round_ in range(KILLS):
         note = f"seed {seed}, round {round_}"
-        server = ServerProcess(db, "--tokens", "open").start()  # restarts on the same file
+        server = ServerProcess(db, "--tokens", "open", "--writer", writer).start()  # restarts on the same file
         try:
             if round_:
                 check(server, ledger, note + " (after restart)")
@@ -133,7 +134,7 @@ def test_sigkill_loses_no_acknowledged_update(tmp_path: Path) -> None:
                 assert not t.is_alive(), note
         finally:
             server.kill()
-    server = ServerProcess(db, "--tokens", "open").start()
+    server = ServerProcess(db, "--tokens", "open", "--writer", writer).start()
     try:
         stored = check(server, ledger, f"seed {seed}, after the last kill")
         assert stored >= len(ledger.acked) > 0

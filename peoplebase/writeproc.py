@@ -1,0 +1,148 @@
+"""The writer in its own process, so the merge and the storage engine get a core of their own.
+
+With `--writer process`, the group-commit thread (writer.py) hands each group to a child
+process through a pipe instead of calling the store itself. The child owns the store's write
+connection and runs `write_group`; the server process keeps HTTP, parsing, validation and
+reads. The answer to a request is still sent only after the child reports the commit.
+
+If the child dies, the group it held is answered 503 (not acknowledged) and a new child is
+started for the next group. The child ignores SIGINT and SIGTERM: it ends when the server
+closes the pipe, after finishing the group in hand, so a Ctrl-C never cuts a commit short.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .store.base import StoreUnavailable
+from .types import Applied, Update
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0
+
+
+def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
+    """The writer process: open the store, then commit every group the server sends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .store import open_store
+
+    try:
+        store = open_store(db, **store_kwargs)
+        store.open()
+    except Exception as exc:  # reported to the server, which refuses to start
+        conn.send(("unavailable", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                break
+            if message is None:
+                break
+            requests, counts = message
+            try:
+                conn.send(("ok", store.write_group(requests, counts)))
+            except StoreUnavailable as exc:
+                conn.send(("unavailable", str(exc)))
+            except Exception as exc:
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    except (BrokenPipeError, ConnectionResetError, OSError):
+        pass  # the server is gone: whatever was committed stays committed
+    finally:
+        store.close()
+
+
+class ProcessWriteStore:
+    """Stands in for the store on the writer thread: `write_group` runs in the child."""
+
+    def __init__(self, db: str, **store_kwargs: Any) -> None:
+        self.db = db
+        self.store_kwargs = store_kwargs
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=child_main,
+            args=(child, self.db, self.store_kwargs),
+            name="peoplebase-writer",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        if not parent.poll(START_TIMEOUT):
+            process.kill()
+            raise StoreUnavailable("the writer process did not start")
+        try:
+            status, value = parent.recv()
+        except EOFError as exc:
+            raise StoreUnavailable("the writer process ended while starting") from exc
+        if status != "ready":
+            process.join(5)
+            raise StoreUnavailable(f"the writer process cannot open the store: {value}")
+        self._process, self._conn = process, parent
+        log.info("writer process %s started", process.pid)
+
+    def write_group(
+        self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
+    ) -> list[Applied]:
+        with self._lock:
+            if self._conn is None or not self._process.is_alive():
+                self.restarts += 1
+                log.error("the writer process is gone; starting a new one")
+                self._close_pipe()
+                self._start()
+            assert self._conn is not None
+            try:
+                self._conn.send(([list(r) for r in requests], counts))
+                status, value = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._close_pipe()
+                raise StoreUnavailable(f"the writer process ended during a commit: {exc}") from exc
+        if status == "ok":
+            return list(value)
+        if status == "unavailable":
+            raise StoreUnavailable(value)
+        raise RuntimeError(f"the writer process failed: {value}")
+
+    def _close_pipe(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send(None)
+                except OSError:
+                    pass
+                self._close_pipe()
+            if self._process is not None:
+                self._process.join(timeout)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join(5)
+                self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
