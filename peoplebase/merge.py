@@ -80,7 +80,9 @@ class MergeBackend(Protocol):
 
     def load_log(self, key: Key) -> list[LogEntry]: ...
 
-    def delete_log(self, key: Key, before: float, inclusive: bool) -> None: ...
+    def delete_log(self, key: Key, before: float) -> None:
+        """Delete the profile's log entries with time < before."""
+        ...
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None: ...
 
@@ -259,9 +261,9 @@ class Merger:
     def _write(self, backend: MergeBackend, touched: list[_Profile]) -> None:
         for prof in touched:
             if prof.purge_before is not None:
-                backend.delete_log(prof.key, prof.purge_before, inclusive=False)
+                backend.delete_log(prof.key, prof.purge_before)
             if prof.compact_before is not None:
-                backend.delete_log(prof.key, prof.compact_before, inclusive=False)
+                backend.delete_log(prof.key, prof.compact_before)
             if prof.new:
                 backend.insert_log(prof.key, prof.new)
         backend.save_profiles([(p.key, p.row) for p in touched if p.row.dirty])
@@ -310,9 +312,9 @@ class MemoryBackend:
             for t, s, body, d in sorted(self.logs.get(key, []), key=lambda e: (e[0], e[1]))
         ]
 
-    def delete_log(self, key: Key, before: float, inclusive: bool) -> None:
+    def delete_log(self, key: Key, before: float) -> None:
         entries = self.logs.get(key, [])
-        self.logs[key] = [e for e in entries if (e[0] > before if inclusive else e[0] >= before)]
+        self.logs[key] = [e for e in entries if e[0] >= before]
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
         self.logs.setdefault(key, []).extend(

@@ -15,7 +15,6 @@ import psycopg
 import pytest
 
 from peoplebase.store.postgres import (
-    DELETE_LOG_UPTO,
     DROP_PLACEHOLDER,
     WRITE_PATH_SQL,
     PostgresStore,
@@ -130,7 +129,7 @@ def test_every_write_path_statement_filters_on_the_full_key(recording_store: Pos
     bad = [s for s in on_profiles if not routed_by_full_key(s)]
     assert bad == []
     # the workload reached every statement of the write path
-    assert set(WRITE_PATH_SQL) - {DROP_PLACEHOLDER, DELETE_LOG_UPTO} <= set(statements)
+    assert set(WRITE_PATH_SQL) - {DROP_PLACEHOLDER} <= set(statements)
     # what else the write path sends: the project lookup (reference table) and the per-node
     # counters (distributed by project_id), each naming its own key
     others = [s for s in statements if s not in on_profiles]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,78 @@ class QuerySession:
     project_id: int
     total: int
     expires_at: float
+
+
+def outcome_counts(
+    requests: Sequence[Sequence[Update]],
+    results: Sequence[Applied],
+    extra: dict[tuple[str, str], int] | None = None,
+) -> dict[tuple[str, str], int]:
+    """Per-token counts of accepted, late, beyond-window and dropped records."""
+    counts = dict(extra or {})
+    for updates, applied in zip(requests, results, strict=True):
+        if not updates:
+            continue
+        token = updates[0].token
+        if all(u.token == token for u in updates):
+            pairs = [(token, "accepted", len(updates))]
+        else:
+            per: dict[str, int] = {}
+            for u in updates:
+                per[u.token] = per.get(u.token, 0) + 1
+            pairs = [(t, "accepted", n) for t, n in per.items()]
+        for name, n in (
+            ("late", applied.late),
+            ("beyond window", applied.beyond_window),
+            ("dropped", applied.dropped),
+        ):
+            if n:
+                pairs.append((token, name, n))
+        for t, name, n in pairs:
+            counts[(t, name)] = counts.get((t, name), 0) + n
+    return counts
+
+
+def new_service_account_credentials(name: str) -> tuple[str, str]:
+    """(user name, secret) for a new service account; the name is readable, the rest random."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "account"
+    return f"{slug}.{secrets.token_hex(4)}.pb-service-account", secrets.token_urlsafe(24)
+
+
+def browse_query(
+    placeholder: str,
+    props_column: str,
+    search_sql: str,
+    project_id: int,
+    search: str | None,
+    where: tuple[str, Sequence[Any]] | None,
+    after: str | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """The web page's keyset read, for either backend.
+
+    `search_sql` matches a distinct_id prefix (two placeholders: from, to) or `$email`/`$name`
+    (two more), spelled in the backend's dialect; `where` is already compiled.
+    """
+    p = placeholder
+    clauses = [f"project_id = {p}", "props IS NOT NULL"]
+    args: list[Any] = [project_id]
+    if after is not None:
+        clauses.append(f"distinct_id > {p}")
+        args.append(after)
+    if search:
+        clauses.append(search_sql)
+        args += [search, search + "\U0010ffff", search, search]
+    if where is not None:
+        clauses.append(where[0])
+        args += list(where[1])
+    sql = (
+        f"SELECT distinct_id, {props_column} FROM profiles WHERE "  # noqa: S608 - fixed fragments
+        + " AND ".join(clauses)
+        + f" ORDER BY distinct_id LIMIT {p}"
+    )
+    args.append(limit)
+    return sql, args
 
 
 class ProfileStore(Protocol):

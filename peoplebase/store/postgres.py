@@ -51,11 +51,13 @@ from .base import (
     SessionExpired,
     StoreUnavailable,
     UnknownProject,
+    browse_query,
     hash_secret,
     new_secret,
+    new_service_account_credentials,
+    outcome_counts,
     secret_matches,
 )
-from .sqlite import outcome_counts
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,6 @@ LOAD_LOG = (
     "SELECT time, seq, dedup, body FROM updates WHERE project_id = %s AND distinct_id = %s "
     "ORDER BY time, seq"
 )
-DELETE_LOG_UPTO = "DELETE FROM updates WHERE project_id = %s AND distinct_id = %s AND time <= %s"
 DELETE_LOG_BEFORE = "DELETE FROM updates WHERE project_id = %s AND distinct_id = %s AND time < %s"
 INSERT_LOG = (
     "INSERT INTO updates (project_id, distinct_id, time, seq, received, dedup, body) "
@@ -95,7 +96,6 @@ DROP_PLACEHOLDER = (
 WRITE_PATH_SQL = (
     LOCK_PROFILE,
     LOAD_LOG,
-    DELETE_LOG_UPTO,
     DELETE_LOG_BEFORE,
     INSERT_LOG,
     SAVE_PROFILE,
@@ -213,8 +213,8 @@ class _Backend:
         rows = self.conn.execute(LOAD_LOG, key).fetchall()
         return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
 
-    def delete_log(self, key: Key, before: float, inclusive: bool) -> None:
-        self.pending.append((DELETE_LOG_UPTO if inclusive else DELETE_LOG_BEFORE, (*key, before)))
+    def delete_log(self, key: Key, before: float) -> None:
+        self.pending.append((DELETE_LOG_BEFORE, (*key, before)))
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
         for e in entries:
@@ -641,27 +641,18 @@ class PostgresStore:
         `search` matches a distinct_id prefix, or `$email` / `$name` exactly. `where` is a
         query-language expression; a syntax error raises ValueError with its position.
         """
-        clauses = ["project_id = %s", "props IS NOT NULL"]
-        args: list[Any] = [project_id]
-        if after is not None:
-            clauses.append("distinct_id > %s")
-            args.append(after)
-        if search:
-            clauses.append(
-                "((distinct_id >= %s AND distinct_id < %s) "
-                "OR props -> '$email' = to_jsonb(%s::text) OR props -> '$name' = to_jsonb(%s::text))"
-            )
-            args += [search, search + "\U0010ffff", search, search]
-        if where:
-            cond, params = self.compile_where(where)
-            clauses.append(cond)
-            args += params
-        sql = (
-            "SELECT distinct_id, props::text FROM profiles WHERE "  # noqa: S608 - fixed clauses
-            + " AND ".join(clauses)
-            + " ORDER BY distinct_id LIMIT %s"
+        where_sql = self.compile_where(where) if where else None
+        sql, args = browse_query(
+            "%s",
+            "props::text",
+            "((distinct_id >= %s AND distinct_id < %s) "
+            "OR props -> '$email' = to_jsonb(%s::text) OR props -> '$name' = to_jsonb(%s::text))",
+            project_id,
+            search,
+            where_sql,
+            after,
+            limit,
         )
-        args.append(limit)
         return [(str(did), orjson.loads(props)) for did, props in self._read(sql, args)]
 
     def compile_where(self, expression: str) -> tuple[str, list[Any]]:
@@ -868,9 +859,7 @@ class PostgresStore:
         for pid in project_ids:
             if self.project_by_id(pid) is None:
                 raise UnknownProject(f"no project with id {pid}")
-        secret = secrets.token_urlsafe(24)
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "account"
-        username = f"{slug}.{secrets.token_hex(4)}.pb-service-account"
+        username, secret = new_service_account_credentials(name)
         now = time.time()
         try:
             with self._reads().connection(timeout=30) as conn, conn.transaction():

@@ -9,7 +9,6 @@ writer (WAL).
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 import time
@@ -35,8 +34,11 @@ from .base import (
     SessionExpired,
     StoreUnavailable,
     UnknownProject,
+    browse_query,
     hash_secret,
     new_secret,
+    new_service_account_credentials,
+    outcome_counts,
     secret_matches,
 )
 
@@ -61,36 +63,6 @@ def migrations() -> list[tuple[int, str]]:
         if name.endswith(".sql"):
             out.append((int(name.split("_", 1)[0]), item.read_text()))
     return sorted(out)
-
-
-def outcome_counts(
-    requests: Sequence[Sequence[Update]],
-    results: Sequence[Applied],
-    extra: dict[tuple[str, str], int] | None = None,
-) -> dict[tuple[str, str], int]:
-    """Per-token counts of accepted, late, beyond-window and dropped records."""
-    counts = dict(extra or {})
-    for updates, applied in zip(requests, results, strict=True):
-        if not updates:
-            continue
-        token = updates[0].token
-        if all(u.token == token for u in updates):
-            pairs = [(token, "accepted", len(updates))]
-        else:
-            per: dict[str, int] = {}
-            for u in updates:
-                per[u.token] = per.get(u.token, 0) + 1
-            pairs = [(t, "accepted", n) for t, n in per.items()]
-        for name, n in (
-            ("late", applied.late),
-            ("beyond window", applied.beyond_window),
-            ("dropped", applied.dropped),
-        ):
-            if n:
-                pairs.append((token, name, n))
-        for t, name, n in pairs:
-            counts[(t, name)] = counts.get((t, name), 0) + n
-    return counts
 
 
 _LOAD_CHUNK = 500  # distinct_ids per SELECT when loading a group's profiles
@@ -178,10 +150,9 @@ class _Backend:
         )
         return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
 
-    def delete_log(self, key: Key, before: float, inclusive: bool) -> None:
-        op = "<=" if inclusive else "<"
+    def delete_log(self, key: Key, before: float) -> None:
         self.conn.execute(
-            f"DELETE FROM updates WHERE project_id = ? AND distinct_id = ? AND time {op} ?",  # noqa: S608
+            "DELETE FROM updates WHERE project_id = ? AND distinct_id = ? AND time < ?",
             (key[0], key[1], before),
         )
 
@@ -522,27 +493,18 @@ class SqliteStore:
         `search` matches a distinct_id prefix, or `$email` / `$name` exactly. `where` is a
         query-language expression; a syntax error raises ValueError with its position.
         """
-        clauses = ["project_id = ?", "props IS NOT NULL"]
-        args: list[Any] = [project_id]
-        if after is not None:
-            clauses.append("distinct_id > ?")
-            args.append(after)
-        if search:
-            clauses.append(
-                "((distinct_id >= ? AND distinct_id < ?) OR json_extract(props, '$.\"$email\"') = ? "
-                "OR json_extract(props, '$.\"$name\"') = ?)"
-            )
-            args += [search, search + "\U0010ffff", search, search]
-        if where:
-            compiled = self.compile_where(where)
-            clauses.append(compiled[0])
-            args += compiled[1]
-        sql = (
-            "SELECT distinct_id, props FROM profiles WHERE "  # noqa: S608 - clauses are constants
-            + " AND ".join(clauses)
-            + " ORDER BY distinct_id LIMIT ?"
+        where_sql = self.compile_where(where) if where else None
+        sql, args = browse_query(
+            "?",
+            "props",
+            "((distinct_id >= ? AND distinct_id < ?) OR json_extract(props, '$.\"$email\"') = ? "
+            "OR json_extract(props, '$.\"$name\"') = ?)",
+            project_id,
+            search,
+            where_sql,
+            after,
+            limit,
         )
-        args.append(limit)
         rows = self._reader().execute(sql, args).fetchall()
         return [(str(did), orjson.loads(props)) for did, props in rows]  # type: ignore[arg-type]
 
@@ -745,9 +707,7 @@ class SqliteStore:
         for pid in project_ids:
             if self.project_by_id(pid) is None:
                 raise UnknownProject(f"no project with id {pid}")
-        secret = secrets.token_urlsafe(24)
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "account"
-        username = f"{slug}.{secrets.token_hex(4)}.pb-service-account"
+        username, secret = new_service_account_credentials(name)
         now = time.time()
         conn = self._writer()
         with self._write_lock, conn:
