@@ -77,6 +77,7 @@ def storage_floor(
     """Apply every body, in groups of about `group` records; the first bodies are not timed."""
     store = SqliteStore(db, synchronous=synchronous)
     store.open()
+    store.sync_property_indexes()  # as `peoplebase serve` does at start: the same indexes
     validator = Validator()
     spent = 0.0
     cpu = 0.0

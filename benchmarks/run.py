@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -184,18 +185,52 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+def family(pid: int) -> list[int]:
+    """The process and its descendants (`--writer process` runs the merge in a child)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of the process and its descendants."""
+    total = 0
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    """A /proc status figure (VmHWM, VmRSS) summed over the process and its descendants."""
+    total = 0
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
 
 
 def drive(
@@ -460,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None, help="keep databases and bodies here")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--serve-args",
+        default="",
+        help="more `peoplebase serve` flags for every case, e.g. '--writer process'",
+    )
     args = p.parse_args(argv)
     records = args.records or (5_000 if args.quick else 100_000)
     http_seconds = args.http_seconds or (1.0 if args.quick else 5.0)
@@ -471,6 +511,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     started = time.time()
     chosen = [c for c in cases(args) if not args.only or any(o in c.name for o in args.only)]
+    if args.serve_args:
+        for case in chosen:
+            case.extra = [*case.extra, *shlex.split(args.serve_args)]
+            case.label = f"{case.label} {args.serve_args}".strip()
     rows = [run_case(opts, case) for case in chosen]
     result: dict[str, Any] = {"rows": rows}
     if args.full and not args.no_soak:

@@ -46,27 +46,38 @@ class LogEntry:
     stored: bool = True  # already in the backend's log
 
 
-def encode_update(update: Update) -> bytes:
+def update_body(update: Update) -> dict[str, Any]:
+    """What the log keeps of an update besides its time: operations, $ignore_time, geo."""
     body: dict[str, Any] = {"o": update.ops}
     if update.ignore_time:
         body["i"] = 1
     if update.geo:
         body["g"] = update.geo
-    return orjson.dumps(body)
+    return body
 
 
-def decode_update(body: bytes | str, time: float, distinct_id: str = "") -> Update:
-    data = orjson.loads(body)
+def encode_update(update: Update) -> bytes:
+    return orjson.dumps(update_body(update))
+
+
+def update_from_body(
+    body: dict[str, Any], time: float, distinct_id: str = "", received: float = 0.0
+) -> Update:
     return Update(
         index=0,
         token="",
         distinct_id=distinct_id,
         time=time,
         explicit_time=False,
-        ignore_time=bool(data.get("i")),
-        ops=data["o"],
-        geo=data.get("g"),
+        ignore_time=bool(body.get("i")),
+        ops=body["o"],
+        received=received,
+        geo=body.get("g"),
     )
+
+
+def decode_update(body: bytes | str, time: float, distinct_id: str = "") -> Update:
+    return update_from_body(orjson.loads(body), time, distinct_id)
 
 
 class MergeBackend(Protocol):

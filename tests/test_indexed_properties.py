@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from peoplebase.query import where
-from peoplebase.query.indexes import BadIndexedProperty, parse_names, sqlite_index_name
+from peoplebase.query.indexes import (
+    BadIndexedProperty,
+    parse_names,
+    postgres_index_name,
+    sqlite_index_name,
+)
 from peoplebase.records import Validator
 from peoplebase.store import open_store
 
@@ -63,7 +68,8 @@ def test_plan_uses_the_property_index(make_store, backend: str) -> None:  # type
         with store._reads().connection() as conn:
             conn.execute("SET enable_seqscan = off")  # a 300-row table would be scanned anyway
             text = " ".join(r[0] for r in conn.execute(sql + cond, (1, *params)))  # values are bound
-    assert sqlite_index_name("$email") in text, text
+    index_name = sqlite_index_name if backend == "sqlite" else postgres_index_name
+    assert index_name("$email") in text, text
 
 
 @pytest.mark.parametrize(
@@ -102,9 +108,41 @@ def test_indexes_follow_the_setting(make_store, backend: str) -> None:  # type: 
             rows = store._read("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'profiles_prop_%%'")
         return {r[0] for r in rows}
 
-    assert names() == {sqlite_index_name("$email"), sqlite_index_name("plan")}
+    index_name = sqlite_index_name if backend == "sqlite" else postgres_index_name
+    assert names() == {index_name("$email"), index_name("plan")}
     store.sync_property_indexes(("$name",))
-    assert names() == {sqlite_index_name("$name")}
+    assert names() == {index_name("$name")}
+
+
+def test_sqlite_indexes_are_partial_and_replace_full_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Profiles without the property cost the index nothing; older full indexes are replaced."""
+    from peoplebase.store.sqlite import SqliteStore
+
+    path = str(tmp_path / "p.db")
+    store = SqliteStore(path, indexed_properties=())
+    store.open()
+    old = postgres_index_name("$email")  # the name full indexes had before
+    conn = store._writer()
+    conn.execute(f"CREATE INDEX \"{old}\" ON profiles (project_id, json_extract(props, '$.\"$email\"'))")
+    store.sync_property_indexes(("$email",))
+    rows = dict(store._reader().execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'profiles_prop_%'"))
+    assert list(rows) == [sqlite_index_name("$email")]
+    assert "IS NOT NULL" in rows[sqlite_index_name("$email")]
+    _fill(store)
+    v = Validator()
+    store.write_group([[v.validate({"$token": "t", "$distinct_id": f"x{i}", "$set": {"a": i}}, i, 1e9) for i in range(40)]])  # type: ignore[list-item]
+    index = sqlite_index_name("$email")
+    sql = "SELECT count(*) FROM profiles INDEXED BY {} WHERE project_id = 1 AND {} IS NOT NULL"
+    # sql: reviewed: our own index name and the checked expression
+    entries = _one_value(store, sql.format(f'"{index}"', "json_extract(props, '$.\"$email\"')"))
+    with_email = _one_value(store, "SELECT count(*) FROM profiles WHERE json_extract(props, '$.\"$email\"') IS NOT NULL")
+    without = _one_value(store, "SELECT count(*) FROM profiles WHERE json_extract(props, '$.\"$email\"') IS NULL")
+    assert entries == with_email > 0 and without > 0
+    store.close()
+
+
+def _one_value(store, sql: str) -> int:  # type: ignore[no-untyped-def]
+    return int(store._reader().execute(sql).fetchone()[0])
 
 
 @pytest.mark.parametrize("bad", ['a"b', "a'b", "a\\b", "a\nb"])

@@ -437,3 +437,19 @@ def assert_within_limits(value: Any, depth: int) -> None:
         for name, item in value.items():
             assert len(name) <= 255
             assert_within_limits(item, depth + 1)
+
+
+def test_updates_survive_pickling_field_for_field() -> None:
+    """`--writer process` sends validated updates to the writer process by pickle."""
+    import dataclasses
+    import pickle
+
+    from peoplebase.types import Skip, Update
+
+    update = Update(3, "tok", "d", 1.5, True, True, {"$set": {"a": [1]}}, 2.5, {"$city": "X"}, -7, True, [Skip("f", "m")])
+    copy = pickle.loads(pickle.dumps(update, protocol=5))
+    assert copy == update and copy is not update
+    assert [f.name for f in dataclasses.fields(Update)] == [
+        "index", "token", "distinct_id", "time", "explicit_time", "ignore_time", "ops",
+        "received", "geo", "dedup", "clamped", "skips",
+    ]  # fmt: skip

@@ -45,6 +45,11 @@ def postgres_expression(name: str) -> str:
 
 
 def sqlite_index_name(name: str) -> str:
+    # "_nn": partial (NOT NULL) indexes; full ones of earlier versions are replaced at start
+    return postgres_index_name(name) + "_nn"
+
+
+def postgres_index_name(name: str) -> str:
     return "profiles_prop_" + hashlib.sha1(name.encode()).hexdigest()[:16]
 
 

@@ -667,7 +667,7 @@ class PostgresStore:
         """
         if names is not None:
             self.indexed_properties = tuple(indexes.check_name(n) for n in names)
-        wanted = {indexes.sqlite_index_name(n): n for n in self.indexed_properties}
+        wanted = {indexes.postgres_index_name(n): n for n in self.indexed_properties}
         conn = self._connect()
         try:
             conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))

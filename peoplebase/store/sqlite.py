@@ -21,7 +21,7 @@ from typing import Any
 import apsw
 import orjson
 
-from ..merge import Key, LogEntry, Merger, ProfileRow, decode_update, encode_update
+from ..merge import Key, LogEntry, Merger, ProfileRow, update_body, update_from_body
 from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
@@ -78,13 +78,50 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+# A profile's newest log entries live in its row; past either limit they move to log_chunks.
+TAIL_MAX_ENTRIES = 16
+TAIL_MAX_BYTES = 2048
+
+RawEntry = list[Any]  # [time, seq, received, dedup, body] as the log stores it
+
+
+def encode_entries(entries: Sequence[LogEntry]) -> bytes:
+    """The JSON array the tail and the chunks hold."""
+    return orjson.dumps(
+        [[e.time, e.seq, e.update.received, e.dedup, update_body(e.update)] for e in entries]
+    )
+
+
+def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -> list[RawEntry]:
+    """A profile's stored log (chunks and tail), in ($time, seq) order."""
+    loads = orjson.loads
+    raw: list[RawEntry] = []
+    if chunks:
+        for (blob,) in conn.execute(
+            "SELECT entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?", key
+        ):
+            raw.extend(loads(blob))
+    if tail is not None:
+        raw.extend(loads(tail))
+    raw.sort(key=lambda e: (e[0], e[1]))
+    return raw
+
+
 class _Backend:
-    """MergeBackend over an open write connection (inside a transaction)."""
+    """MergeBackend over an open write connection (inside a transaction).
+
+    The update log is kept in the profile row (`tail`) and in `log_chunks`: appending to it
+    rewrites only the row the merge rewrites anyway; the stored log is read and rewritten
+    whole only for late records, deletes and compaction.
+    """
 
     def __init__(self, store: SqliteStore, conn: apsw.Connection) -> None:
         self.store = store
         self.conn = conn
-        self._log_rows: list[tuple[Any, ...]] = []
+        self._tails: dict[Key, tuple[bytes | None, int, int]] = {}  # tail, tail_n, chunks
+        self._raw: dict[Key, list[RawEntry]] = {}  # stored logs read in this group
+        self._rewrite: set[Key] = set()  # stored logs to write back whole
+        self._new: dict[Key, list[LogEntry]] = {}
 
     def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -119,6 +156,7 @@ class _Backend:
 
     def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]:
         out: dict[Key, ProfileRow] = {}
+        tails = self._tails
         cur = self.conn.cursor()
         loads = orjson.loads
         by_project: dict[int, list[str]] = {}
@@ -129,69 +167,125 @@ class _Backend:
             for start in range(0, len(dids), _LOAD_CHUNK):
                 chunk = dids[start : start + _LOAD_CHUNK]
                 sql = (
-                    "SELECT distinct_id, props, last_time, base, tomb, log_min FROM profiles "  # noqa: S608
-                    f"WHERE project_id = ? AND distinct_id IN ({','.join('?' * len(chunk))})"
+                    "SELECT distinct_id, props, last_time, base, tomb, log_min, tail, tail_n, "  # noqa: S608
+                    f"chunks FROM profiles WHERE project_id = ? AND distinct_id IN ({','.join('?' * len(chunk))})"
                 )
-                for did, props, last_time, base, tomb, log_min in cur.execute(sql, (pid, *chunk)):
-                    out[(pid, did)] = ProfileRow(
+                for did, props, last_time, base, tomb, log_min, tail, n, chunks in cur.execute(
+                    sql, (pid, *chunk)
+                ):
+                    key = (pid, did)
+                    out[key] = ProfileRow(
                         loads(props) if props is not None else None,
                         last_time,
                         loads(base) if base is not None else None,
                         tomb,
                         log_min,
                     )
+                    tails[key] = (tail, n, chunks)
         return out
 
+    def _stored(self, key: Key) -> list[RawEntry]:
+        raw = self._raw.get(key)
+        if raw is None:
+            tail, _, chunks = self._tails.get(key, (None, 0, 0))
+            raw = self._raw[key] = read_log(self.conn, key, tail, chunks)
+        return raw
+
     def load_log(self, key: Key) -> list[LogEntry]:
-        rows = self.conn.execute(
-            "SELECT time, seq, dedup, body FROM updates WHERE project_id = ? AND distinct_id = ? "
-            "ORDER BY time, seq",
-            key,
-        )
-        return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
+        did = key[1]
+        return [
+            LogEntry(t, s, update_from_body(body, t, did, received), d)
+            for t, s, received, d, body in self._stored(key)
+        ]
 
     def delete_log(self, key: Key, before: float) -> None:
-        self.conn.execute(
-            "DELETE FROM updates WHERE project_id = ? AND distinct_id = ? AND time < ?",
-            (key[0], key[1], before),
-        )
+        self._raw[key] = [e for e in self._stored(key) if e[0] >= before]
+        self._rewrite.add(key)
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
-        """Buffered: the whole group's log rows go in one executemany in save_profiles."""
-        pid, did = key
-        self._log_rows.extend(
-            (pid, did, e.time, e.seq, e.update.received, e.dedup, encode_update(e.update).decode())
-            for e in entries
-        )
+        """Buffered: written with the profile row in save_profiles."""
+        self._new.setdefault(key, []).extend(entries)
 
     def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None:
-        # The merger calls this once per group, after every delete_log and insert_log; the
-        # deletes have run already, so inserting the buffered rows now keeps their order.
-        if self._log_rows:
-            self.conn.executemany(
-                "INSERT INTO updates (project_id, distinct_id, time, seq, received, dedup, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                self._log_rows,
-            )
-            self._log_rows = []
-        self.conn.executemany(
-            "INSERT INTO profiles (project_id, distinct_id, props, last_time, base, tomb, log_min) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id, distinct_id) DO UPDATE SET "
-            "props = excluded.props, last_time = excluded.last_time, base = excluded.base, "
-            "tomb = excluded.tomb, log_min = excluded.log_min",
-            [
+        # The merger calls this once per group, after every delete_log and insert_log.
+        spilled: list[tuple[int, str, int, bytes]] = []
+        cleared: list[Key] = []
+        loaded = self._tails
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        for key, row in rows:
+            tail, n, chunks = loaded.get(key, (None, 0, 0))
+            new = self._new.pop(key, None)
+            if key in self._rewrite:
+                if chunks:
+                    cleared.append(key)
+                    chunks = 0
+                entries = self._raw[key]
+                tail = orjson.dumps(entries) if entries else None
+                n = len(entries)
+                last_seq = max((e[1] for e in entries), default=0)  # names a spilled chunk
+                if new:
+                    tail = _append(tail, encode_entries(new))
+                    n += len(new)
+            elif new:
+                tail = _append(tail, encode_entries(new))
+                n += len(new)
+            changed = new or key in self._rewrite
+            if (
+                changed
+                and tail is not None
+                and (n > TAIL_MAX_ENTRIES or len(tail) > TAIL_MAX_BYTES)
+            ):
+                # seqs only grow: the newest entry's seq names the chunk uniquely
+                last_seq = new[-1].seq if new else last_seq
+                spilled.append((key[0], key[1], last_seq, tail))
+                tail, n, chunks = None, 0, chunks + 1
+            (updates if key in loaded else inserts).append(
                 (
-                    key[0],
-                    key[1],
                     _dumps(row.props) if row.props is not None else None,
                     row.last_time,
                     _dumps(row.base) if row.base is not None else None,
                     row.tomb,
                     row.log_min,
+                    tail,
+                    n,
+                    chunks,
+                    key[0],
+                    key[1],
                 )
-                for key, row in rows
-            ],
-        )
+            )
+        if self._new:
+            raise AssertionError(f"log entries of unsaved profiles: {list(self._new)[:3]}")
+        if cleared:
+            self.conn.executemany(
+                "DELETE FROM log_chunks WHERE project_id = ? AND distinct_id = ?", cleared
+            )
+        if spilled:
+            self.conn.executemany(
+                "INSERT INTO log_chunks (project_id, distinct_id, first_seq, entries) "
+                "VALUES (?, ?, ?, ?)",
+                spilled,
+            )
+        if inserts:
+            self.conn.executemany(
+                "INSERT INTO profiles (props, last_time, base, tomb, log_min, tail, tail_n, "
+                "chunks, project_id, distinct_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                inserts,
+            )
+        if updates:
+            # the rows were read in this transaction: a plain UPDATE finds each with one seek
+            self.conn.executemany(
+                "UPDATE profiles SET props = ?, last_time = ?, base = ?, tomb = ?, log_min = ?, "
+                "tail = ?, tail_n = ?, chunks = ? WHERE project_id = ? AND distinct_id = ?",
+                updates,
+            )
+
+
+def _append(tail: bytes | None, new: bytes) -> bytes:
+    """Join two JSON arrays without parsing them."""
+    if tail is None or tail == b"[]":
+        return new
+    return tail[:-1] + b"," + new[1:]
 
 
 class SqliteStore:
@@ -269,9 +363,13 @@ class SqliteStore:
             for index, name in wanted.items():
                 if index not in existing:
                     log.info("indexing property %r (%s)", name, index)
+                    # Partial: profiles without the property (most, for most properties)
+                    # cost the index nothing when written; `expr = ?` implies NOT NULL, so
+                    # equality lookups still use it.
+                    expression = indexes.sqlite_expression(name)
                     conn.execute(  # sql: reviewed: DDL; index name and expression are checked
-                        f'CREATE INDEX "{index}" ON profiles '
-                        f"(project_id, {indexes.sqlite_expression(name)})"
+                        f'CREATE INDEX "{index}" ON profiles (project_id, {expression}) '
+                        f"WHERE {expression} IS NOT NULL"
                     )
         self.analyze()
 
@@ -460,14 +558,14 @@ class SqliteStore:
         return int(total), [(str(did), orjson.loads(p)) for did, p in rows]  # type: ignore[arg-type]
 
     def profile_history(self, project_id: int, distinct_id: str) -> list[dict[str, Any]]:
-        rows = self._reader().execute(
-            "SELECT time, seq, received, body FROM updates WHERE project_id = ? AND distinct_id = ? "
-            "ORDER BY time, seq",
-            (project_id, distinct_id),
-        )
-        return [
-            {"time": t, "seq": s, "received": r, **orjson.loads(body)} for t, s, r, body in rows
-        ]
+        conn = self._reader()
+        key = (project_id, distinct_id)
+        with conn:
+            row = conn.execute(
+                "SELECT tail, chunks FROM profiles WHERE project_id = ? AND distinct_id = ?", key
+            ).fetchone()
+            raw = read_log(conn, key, row[0], row[1]) if row is not None else []
+        return [{"time": t, "seq": s, "received": r, **body} for t, s, r, _, body in raw]
 
     # --- web page -------------------------------------------------------------------------
 
@@ -531,21 +629,19 @@ class SqliteStore:
         conn = self._reader()
         with conn:
             row = conn.execute(
-                "SELECT props, base, tomb, last_time FROM profiles WHERE project_id = ? AND distinct_id = ?",
+                "SELECT props, base, tomb, last_time, tail, chunks FROM profiles "
+                "WHERE project_id = ? AND distinct_id = ?",
                 (project_id, distinct_id),
             ).fetchone()
             if row is None:
                 return None
-            entries = []
-            for t, s, received, dedup, body in conn.execute(
-                "SELECT time, seq, received, dedup, body FROM updates WHERE project_id = ? AND distinct_id = ? "
-                "ORDER BY time, seq",
-                (project_id, distinct_id),
-            ):
-                update = decode_update(body, t, distinct_id)
-                update.received = received
-                entries.append(LogEntry(t, s, update, dedup))
-        props, base, tomb, last_time = row  # type: ignore[misc]
+            entries = [
+                LogEntry(t, s, update_from_body(body, t, distinct_id, received), dedup)
+                for t, s, received, dedup, body in read_log(
+                    conn, (project_id, distinct_id), row[4], row[5]
+                )
+            ]
+        props, base, tomb, last_time = row[:4]  # type: ignore[index]
         return {
             "props": orjson.loads(props) if props is not None else None,
             "base": orjson.loads(base) if base is not None else None,
