@@ -104,10 +104,12 @@ def fold(
     base: Props | None,
     entries: Iterable[LogEntry],
     max_properties: int,
-    watch_seq: int | None = None,
-    skips: list[Skip] | None = None,
+    watch: dict[int, list[Skip]] | None = None,
 ) -> Props | None:
-    """Replay log entries in (time, seq) order on top of a base state."""
+    """Replay log entries in (time, seq) order on top of a base state.
+
+    `watch` maps the seqs of entries whose skipped keys are wanted to the lists to fill.
+    """
     props = dict(base) if base is not None else None
     for entry in sorted(entries, key=lambda e: (e.time, e.seq)):
         entry.update.time = entry.time
@@ -115,7 +117,7 @@ def fold(
             props,
             entry.update,
             max_properties,
-            skips if entry.seq == watch_seq else None,
+            watch.get(entry.seq) if watch else None,
             in_place=props is not None,
         )
     return props
@@ -129,6 +131,12 @@ class _Profile:
     new: list[LogEntry] = field(default_factory=list)
     purge_before: float | None = None  # delete stored log entries with time < this
     compact_before: float | None = None  # delete stored log entries with time < this
+    # After a late update the state is refolded from the log once, when the profile's updates
+    # of this group are all in the log (not once per late update): until then `stale` is set
+    # and `watch` collects the skips wanted from that fold, by seq.
+    stale: bool = False
+    watch: dict[int, list[Skip]] = field(default_factory=dict)
+    watchers: list[tuple[int, Applied, int]] = field(default_factory=list)  # seq, result, index
 
 
 class Merger:
@@ -166,6 +174,8 @@ class Merger:
             for r, u in items:
                 self._one(backend, prof, r, u, seq, results[r])
                 seq += 1
+            if prof.stale:
+                self._refold(backend, prof)
             self._maybe_compact(backend, prof)
             touched.append(prof)
         self._write(backend, touched)
@@ -214,19 +224,37 @@ class Merger:
             self._delete(backend, prof, LogEntry(t, seq, u, u.dedup, r, stored=False))
             return
         entry = LogEntry(t, seq, u, u.dedup, r, stored=False)
-        skips: list[Skip] = []
-        if t >= row.last_time:
+        if t >= row.last_time and not prof.stale:
             u.time = t
+            skips: list[Skip] = []
             row.props = apply_update(row.props, u, self.max_properties, skips, in_place=True)
             self._append(prof, entry)
             row.last_time = t
+            if skips:
+                result.skips.setdefault(u.index, []).extend(skips)
+            return
+        if t >= row.last_time:
+            u.time = t
+            row.last_time = t
         else:
-            log = self._log(backend, prof)
-            self._append(prof, entry)
-            row.props = fold(row.base, log, self.max_properties, seq, skips)
+            self._log(backend, prof)
             result.late += 1
-        if skips:
-            result.skips.setdefault(u.index, []).extend(skips)
+        self._append(prof, entry)
+        prof.stale = True
+        prof.watch[seq] = []
+        prof.watchers.append((seq, result, u.index))
+
+    def _refold(self, backend: MergeBackend, prof: _Profile) -> None:
+        prof.row.props = fold(
+            prof.row.base, self._log(backend, prof), self.max_properties, prof.watch
+        )
+        for seq, result, index in prof.watchers:
+            skips = prof.watch.get(seq)
+            if skips:
+                result.skips.setdefault(index, []).extend(skips)
+        prof.stale = False
+        prof.watch = {}
+        prof.watchers = []
 
     def _is_retry(self, backend: MergeBackend, prof: _Profile, r: int, u: Update) -> bool:
         for entry in self._log(backend, prof):
@@ -243,6 +271,8 @@ class Merger:
         """
         row = prof.row
         t = entry.time
+        if prof.stale:
+            self._refold(backend, prof)  # skips of the updates the delete may purge
         log = self._log(backend, prof)
         prof.log = [e for e in log if e.time >= t]
         prof.new = [e for e in prof.new if e.time >= t]

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -198,6 +199,35 @@ def test_late_update_is_counted_and_replayed() -> None:
     backend, results = run_memory([[[newer]], [[older]]])
     assert backend.profile(TOKEN, "a") == {"p": "new", "q": 1, "$last_seen": format_time(T0 + 10)}
     assert results[1].late == 1 and results[1].dropped == 0
+
+
+def test_late_updates_in_one_group_are_replayed_once_with_their_skips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several late updates of a profile in one group: one replay, skips still reported."""
+    import peoplebase.merge as merge_module
+
+    first = rec(10, set={"a": 1, "b": 2})
+    late1, late2 = rec(5, set={"c": 3}), rec(2, add={"n": 1})
+    after = rec(20, set={"d": 4})
+    merger = Merger(max_properties=3)
+    backend, _ = run_memory([[[first]]], merger)
+    calls = 0
+    real = merge_module.fold
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "fold", counting)
+    (result,) = merger.apply(backend, to_updates([[late1, after, late2]]))
+    # fold order: n (t2), c (t5), a (t10), then b and d find the profile full
+    assert backend.profile(TOKEN, "a") == {"n": 1, "c": 3, "a": 1, "$last_seen": format_time(T0 + 20)}
+    assert result.late == 2
+    assert {i: [k.field for k in v] for i, v in result.skips.items()} == {1: ["$set.d"]}
+    assert calls == 1
+    assert backend.profile(TOKEN, "a") == reference([first, late1, after, late2], max_properties=3)["a"]
 
 
 # --- operation laws ---------------------------------------------------------------------------
