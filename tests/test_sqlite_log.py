@@ -209,3 +209,17 @@ def test_failed_transaction_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.
     store.write_group(to_updates([[rec(3, add={"n": 100})]]))
     assert read_back(store, "tok")["a"] == reference([rec(1, set={"p": 1}, add={"n": 1}), rec(3, add={"n": 100})])["a"]
     store.close()
+
+
+def test_new_files_get_the_page_size_existing_ones_keep_theirs(tmp_path: Path) -> None:
+    fresh = connect(str(tmp_path / "new.db"))
+    assert fresh._reader().execute("PRAGMA page_size").fetchone()[0] == sqlite_store.PAGE_SIZE  # type: ignore[attr-defined]
+    fresh.close()
+    old = apsw.Connection(str(tmp_path / "old.db"))
+    old.execute("PRAGMA page_size = 4096; CREATE TABLE t (x); PRAGMA journal_mode = WAL")
+    old.close()
+    kept = connect(str(tmp_path / "old.db"))
+    assert kept._reader().execute("PRAGMA page_size").fetchone()[0] == 4096  # type: ignore[attr-defined]
+    kept.write_group(to_updates([[rec(1, set={"p": 1})]]))
+    assert read_back(kept, "tok")["a"] == reference([rec(1, set={"p": 1})])["a"]
+    kept.close()
