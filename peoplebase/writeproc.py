@@ -63,7 +63,15 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
 
 
 class ProcessWriteStore:
-    """Stands in for the store on the writer thread: `write_group` runs in the child."""
+    """Stands in for the store on the writer thread: `write_group` runs in the child.
+
+    Groups can be pipelined: `send_group` sends a group and returns a ticket, `await_group`
+    waits for that group's answer. The child commits groups in the order they were sent and
+    answers in that order, so while it commits one group the server can already pickle and
+    send the next (writer.py runs two writer threads for this).
+    """
+
+    PIPELINE_DEPTH = 2
 
     def __init__(self, db: str, **store_kwargs: Any) -> None:
         self.db = db
@@ -71,7 +79,11 @@ class ProcessWriteStore:
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
         self._conn: Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sending, starting and stopping the child
+        self._replies = threading.Condition()  # reading answers, in ticket order
+        self._sent = 0  # tickets handed out
+        self._answered = 0  # tickets whose answer (or failure) has been read
+        self._broken: Connection | None = None
         self.restarts = 0
 
     def start(self) -> None:
@@ -104,19 +116,47 @@ class ProcessWriteStore:
     def write_group(
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
     ) -> list[Applied]:
+        return self.await_group(self.send_group(requests, counts))
+
+    def send_group(
+        self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
+    ) -> tuple[int, Connection]:
+        """Send one group to the child; the ticket says which answer is its own."""
         with self._lock:
-            if self._conn is None or not self._process.is_alive():
+            if self._conn is None or self._conn is self._broken or not self._process.is_alive():
+                # the groups sent to the dead child fail on their own (their pipe is gone);
+                # a new child starts once their answers are all accounted for
+                with self._replies:
+                    while self._answered < self._sent:
+                        self._replies.wait(1.0)
                 self.restarts += 1
                 log.error("the writer process is gone; starting a new one")
                 self._close_pipe()
                 self._start()
-            assert self._conn is not None
+            conn = self._conn
+            assert conn is not None
+            ticket = self._sent
+            self._sent += 1
             try:
-                self._conn.send(([list(r) for r in requests], counts))
-                status, value = self._conn.recv()
+                conn.send(([list(r) for r in requests], counts))
+            except (EOFError, OSError):
+                pass  # reported by await_group, in this ticket's turn
+            return ticket, conn
+
+    def await_group(self, sent: tuple[int, Connection]) -> list[Applied]:
+        """Wait for the answer to one sent group (answers come in the order groups were sent)."""
+        ticket, conn = sent
+        with self._replies:
+            while self._answered != ticket:
+                self._replies.wait()
+            try:
+                status, value = conn.recv()
             except (EOFError, OSError) as exc:
-                self._close_pipe()
+                self._broken = conn  # the next send starts a new child
                 raise StoreUnavailable(f"the writer process ended during a commit: {exc}") from exc
+            finally:
+                self._answered += 1
+                self._replies.notify_all()
         if status == "ok":
             return list(value)
         if status == "unavailable":

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .store.base import ProfileStore, StoreUnavailable
 from .types import Applied, Update
@@ -56,7 +57,17 @@ class Writer:
         self._queued_records = 0
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="peoplebase-writer", daemon=True)
+        # A store that can pipeline (the writer process) gets a second writer thread: one
+        # group is sent while the previous one commits. Taking a group and sending it happen
+        # under one lock, so groups reach the store in the order they were taken.
+        self._pipelined = hasattr(store, "send_group")
+        depth = int(getattr(store, "PIPELINE_DEPTH", 1)) if self._pipelined else 1
+        self._send_lock = threading.Lock()
+        self._last_done = 0.0
+        self._threads = [
+            threading.Thread(target=self._run, name=f"peoplebase-writer-{i}", daemon=True)
+            for i in range(depth)
+        ]
         self.commits = 0
         self.failed_commits = 0
         self._counts: dict[tuple[str, str], int] = {}  # (token, outcome) -> records, not yet stored
@@ -68,7 +79,8 @@ class Writer:
             self._counts[key] = self._counts.get(key, 0) + n
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued_records(self) -> int:
@@ -93,8 +105,10 @@ class Writer:
         """Finish everything queued, then stop the thread."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> list[_Job] | None:
         with self._cond:
@@ -113,7 +127,7 @@ class Writer:
                 jobs.append(job)
                 records += len(job.updates)
             self._queued_records -= records
-            self._committing = records
+            self._committing += records
             return jobs
 
     def _group_limit(self) -> int:
@@ -126,12 +140,24 @@ class Writer:
 
     def _run(self) -> None:
         while True:
-            jobs = self._take()
-            if jobs is None:
-                return
-            self._commit(jobs)
+            with self._send_lock:
+                jobs = self._take()
+                if jobs is None:
+                    with self._cond:
+                        self._cond.notify_all()  # the other writer thread may be waiting
+                    return
+                counts = self._take_counts()
+                sent_at = time.monotonic()
+                pending = self._send(jobs, counts) if self._pipelined else None
+            self._commit(jobs, counts, sent_at, pending)
             with self._cond:
-                self._committing = 0
+                self._committing -= sum(len(j.updates) for j in jobs)
+
+    def _send(self, jobs: list[_Job], counts: dict[tuple[str, str], int]) -> Any:
+        try:
+            return self.store.send_group([j.updates for j in jobs], counts)  # type: ignore[attr-defined]
+        except Exception as exc:  # raised again by _commit, with the usual handling
+            return exc
 
     def _take_counts(self) -> dict[tuple[str, str], int]:
         with self._cond:
@@ -160,17 +186,34 @@ class Writer:
             return 0.0
         return self._queued_records * self._speed_seconds / self._speed_records
 
-    def _commit(self, jobs: list[_Job]) -> None:
-        counts = self._take_counts()
-        started = time.monotonic()
+    def _commit(
+        self,
+        jobs: list[_Job],
+        counts: dict[tuple[str, str], int] | None = None,
+        started: float | None = None,
+        pending: Any = None,
+    ) -> None:
+        if counts is None:
+            counts = self._take_counts()
+        if started is None:
+            started = time.monotonic()
         try:
-            results = self.store.write_group([j.updates for j in jobs], counts)
+            if isinstance(pending, Exception):
+                raise pending
+            if pending is not None:
+                results = self.store.await_group(pending)  # type: ignore[attr-defined]
+            else:
+                results = self.store.write_group([j.updates for j in jobs], counts)
             self.commits += 1
             records = sum(len(j.updates) for j in jobs)
             if records:
                 with self._cond:
+                    # pipelined groups overlap: count the time since the previous one ended
+                    done = time.monotonic()
+                    spent = done - max(started, self._last_done)
+                    self._last_done = done
                     self._speed_records = 0.8 * self._speed_records + records
-                    self._speed_seconds = 0.8 * self._speed_seconds + (time.monotonic() - started)
+                    self._speed_seconds = 0.8 * self._speed_seconds + spent
         except StoreUnavailable as exc:
             self.failed_commits += 1
             log.error("storage cannot commit, answering 503: %s", exc)
