@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -201,7 +202,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: str, port: int, log_path: Path) -> None:
+    def __init__(
+        self, db: str, port: int, log_path: Path, serve_args: tuple[str, ...] = ()
+    ) -> None:
+        self.serve_args = serve_args
         self.db = db
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -212,7 +216,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "peoplebase", "serve", "--db", self.db,
-                 "--port", str(self.port), "--tokens", "open"],
+                 "--port", str(self.port), "--tokens", "open", *self.serve_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -321,6 +325,7 @@ def run(
     min_up: float = 0.05,
     max_up: float = 1.0,
     log: Any = None,
+    serve_args: tuple[str, ...] = (),
 ) -> Report:
     """Run the chaos loop; raises ChaosFailure on the first broken invariant."""
     seed = random.randrange(1 << 30) if seed is None else seed
@@ -333,7 +338,7 @@ def run(
     report = Report(db=db, seed=seed, clients=clients)
     started = time.monotonic()
     secret = create_project(db)
-    server = Server(db, free_port(), workdir / "chaos-server.log")
+    server = Server(db, free_port(), workdir / "chaos-server.log", serve_args)
     ledgers = [workdir / f"ledger-{i}.txt" for i in range(clients)]
     stop_path = workdir / "stop"
     ctx = multiprocessing.get_context("spawn")
@@ -405,10 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-up", type=float, default=1.0, help="most seconds between kills")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--serve-args", default="", help="more `peoplebase serve` flags, e.g. '--writer process'"
+    )
     args = parser.parse_args(argv)
     try:
         report = run(
-            args.db, args.kills, args.clients, args.seed, max_up=args.max_up, log=sys.stderr
+            args.db,
+            args.kills,
+            args.clients,
+            args.seed,
+            max_up=args.max_up,
+            log=sys.stderr,
+            serve_args=tuple(shlex.split(args.serve_args)),
         )
     except ChaosFailure as exc:
         print(f"FAILED: {exc}", file=sys.stderr)

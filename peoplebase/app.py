@@ -87,6 +87,8 @@ class PeoplebaseApp:
             if settings.writer == "process" and store is None
             else None
         )
+        if self.write_process is not None and hasattr(self.store, "session_writer"):
+            self.store.session_writer = self.write_process.session_write
         self.writer = Writer(
             self.write_process or self.store,  # type: ignore[arg-type]
             settings.queue_records,

@@ -81,9 +81,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_records", 20_000, "Most records one group commit takes from the queue."),
     Setting(
         "writer",
-        "thread",
-        "Where merges and commits run: 'thread' (a thread of the server process) or 'process' "
-        "(a child process with a core of its own; parsing and commits then overlap).",
+        "process",
+        "Where merges and commits run: 'process' (a child process with a core of its own; "
+        "parsing and commits overlap) or 'thread' (a thread of the server process).",
         ("thread", "process"),
     ),
     Setting("retry_after", 1, "Seconds sent in Retry-After when overloaded or storage fails."),
@@ -181,7 +181,7 @@ class Settings:
     queue_records: int = 200_000
     queue_wait: float = 2.0
     group_records: int = 20_000
-    writer: str = "thread"
+    writer: str = "process"
     retry_after: int = 1
     rate_limit: float = 0.0
     rate_burst: int = 0

@@ -49,9 +49,13 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
                 break
             if message is None:
                 break
-            requests, counts = message
+            kind, first, second = message
             try:
-                conn.send(("ok", store.write_group(requests, counts)))
+                if kind == "session":  # a query session's rows, written for the server
+                    store._session_write(first, second)  # type: ignore[attr-defined]
+                    conn.send(("ok", None))
+                    continue
+                conn.send(("ok", store.write_group(first, second)))
             except StoreUnavailable as exc:
                 conn.send(("unavailable", str(exc)))
             except Exception as exc:
@@ -84,6 +88,7 @@ class ProcessWriteStore:
         self._sent = 0  # tickets handed out
         self._answered = 0  # tickets whose answer (or failure) has been read
         self._broken: Connection | None = None
+        self._closed = False
         self.restarts = 0
 
     def start(self) -> None:
@@ -122,7 +127,20 @@ class ProcessWriteStore:
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
     ) -> tuple[int, Connection]:
         """Send one group to the child; the ticket says which answer is its own."""
+        return self._send(("group", [list(r) for r in requests], counts))
+
+    def session_write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Write query-session rows through the child, which holds SQLite's write lock.
+
+        A second writer on the file would wait for the lock while the child commits group
+        after group, and could time out under sustained load.
+        """
+        self.await_group(self._send(("session", sql, list(rows))))
+
+    def _send(self, message: tuple[str, Any, Any]) -> tuple[int, Connection]:
         with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the server is shutting down")
             if self._conn is None or self._conn is self._broken or not self._process.is_alive():
                 # the groups sent to the dead child fail on their own (their pipe is gone);
                 # a new child starts once their answers are all accounted for
@@ -138,7 +156,7 @@ class ProcessWriteStore:
             ticket = self._sent
             self._sent += 1
             try:
-                conn.send(([list(r) for r in requests], counts))
+                conn.send(message)
             except (EOFError, OSError):
                 pass  # reported by await_group, in this ticket's turn
             return ticket, conn
@@ -158,7 +176,7 @@ class ProcessWriteStore:
                 self._answered += 1
                 self._replies.notify_all()
         if status == "ok":
-            return list(value)
+            return list(value) if value is not None else []
         if status == "unavailable":
             raise StoreUnavailable(value)
         raise RuntimeError(f"the writer process failed: {value}")
@@ -170,6 +188,7 @@ class ProcessWriteStore:
 
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 try:
                     self._conn.send(None)

@@ -29,6 +29,19 @@ def test_twenty_sigkills_lose_no_acknowledged_update(db_url: str, tmp_path: Path
     assert report.unexpected_answers == []
 
 
+@pytest.mark.parametrize("writer", ["thread"])
+def test_sigkills_with_the_writer_thread(writer: str, db_url: str, tmp_path: Path) -> None:
+    """The run above uses the default writer (a child process, which also writes the query
+    sessions each restart's check reads through); this one the writer thread."""
+    report = chaos.run(
+        db_url, kills=8, clients=3, workdir=tmp_path, max_up=0.5, serve_args=("--writer", writer)
+    )
+    assert report.kills == 8 and report.checks == 10
+    assert report.lost == 0 and report.half_applied == 0
+    assert report.stored >= report.acknowledged
+    assert report.unexpected_answers == []
+
+
 def test_the_checker_catches_loss_and_half_applied_requests() -> None:
     """The invariants are real: a lost, a half-applied and a misordered request are caught."""
     rids = [1, 2, 3]

@@ -155,7 +155,11 @@ def test_unwritable_database_file_answers_503_and_recovers(
         proc = subprocess.Popen(
             ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
              sys.executable, "-m", "peoplebase", "serve", "--db", str(db),
-             "--port", str(port), "--tokens", "open"],
+             "--port", str(port), "--tokens", "open",
+             # Here the interpreter is a venv whose base lies in root's home: `nobody` can run
+             # it through setpriv but cannot exec it again for the writer process. The child's
+             # fault handling is the same store code, covered by the full-disk test.
+             "--writer", "thread"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

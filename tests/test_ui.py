@@ -227,3 +227,12 @@ async def test_service_account_signs_in_to_its_projects_only(client: AppClient) 
     overview = await client.http.get("/ui/")
     assert f"(id {mine.id})" in overview.text
     assert f"<code>{TOKEN}</code>" in overview.text
+
+
+async def test_static_files_are_served_and_any_other_name_is_404(client: AppClient) -> None:
+    r = await client.http.get("/ui/static/ui.css")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/css")
+    # a name longer than the file system allows once gave a 500 (found by schemathesis)
+    for name in ["x" * 300 + ".css", "%E1%B9%B0" * 200, "..%2Fweb.py", "", "nope.js", ".hidden"]:
+        r = await client.http.get("/ui/static/" + name)
+        assert r.status_code == 404, name

@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -309,6 +309,9 @@ class SqliteStore:
         self._pending_ids: dict[str, int] = {}
         self._write_lock = threading.Lock()
         self._next_optimize = 0.0
+        # Set by the server with `--writer process`: query-session writes go to the process
+        # that holds the write connection instead of competing with it for the file's lock.
+        self.session_writer: Callable[[str, Sequence[tuple[Any, ...]]], None] | None = None
 
     # --- connections ----------------------------------------------------------------------
 
@@ -734,6 +737,9 @@ class SqliteStore:
         return QuerySession(session_id, project_id, total, now + ttl)
 
     def _session_write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        if self.session_writer is not None:  # `--writer process`: the child writes them
+            self.session_writer(sql, rows)
+            return
         conn = self._writer()
         try:
             with self._write_lock, conn:

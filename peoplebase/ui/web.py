@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
@@ -189,13 +190,12 @@ class WebUI:
         return self._render("error.html", 404, message="No such page.", **base)
 
     def _static(self, name: str) -> Response:
-        if "/" in name or name.startswith("."):
+        # Only the files shipped in ui/static are served: the requested name is looked up in
+        # their list and never reaches the file system (a name too long for it gave a 500).
+        if name not in _static_names():
             return Response(404, b"not found", b"text/plain")
         suffix = name[name.rfind(".") :]
-        try:
-            data = resources.files("peoplebase.ui").joinpath("static", name).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            return Response(404, b"not found", b"text/plain")
+        data = resources.files("peoplebase.ui").joinpath("static", name).read_bytes()
         return Response(
             200,
             data,
@@ -361,3 +361,9 @@ class WebUI:
             window_days=self.app.settings.reorder_window / 86400,
             **base,
         )
+
+
+@functools.cache
+def _static_names() -> frozenset[str]:
+    folder = resources.files("peoplebase.ui").joinpath("static")
+    return frozenset(item.name for item in folder.iterdir() if item.is_file())
