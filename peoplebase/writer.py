@@ -1,5 +1,8 @@
-"""Group commit: one writer thread takes every request waiting in the queue, merges them in one
+"""Group commit: a writer thread takes every request waiting in the queue, merges them in one
 transaction, and answers each only after that transaction is durably committed.
+
+With the writer process (writeproc.py) the transaction runs in the child, and two writer
+threads keep two groups in flight: one commits while the next is sent, in queue order.
 
 The queue is bounded by records: `submit` raises `Overloaded` instead of letting it grow,
 and the HTTP layer turns that into 503 + Retry-After.
