@@ -300,3 +300,31 @@ async def test_pages_return_every_match_once(tmp_path: Path) -> None:
     finally:
         await c.http.aclose()
         app.shutdown()
+
+
+async def test_single_profile_lookup_does_not_wait_for_a_thread(client: AppClient, backend: str) -> None:
+    """On SQLite a distinct_id lookup runs on the event loop: with every thread of the default
+    executor busy it is still answered at once, while a query that needs a thread waits."""
+    import asyncio
+    import concurrent.futures
+    import time
+
+    await seed(client)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    busy = [loop.run_in_executor(None, time.sleep, 1.5) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    auth = client.auth(TOKEN)
+    started = time.monotonic()
+    r = await client.http.post("/api/query/engage", data={"distinct_id": "alice"}, headers=auth)
+    lookup = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["results"][0]["$distinct_id"] == "alice"
+    started = time.monotonic()
+    r = await client.http.post("/api/query/engage", data={"where": 'properties["plan"] == "pro"'}, headers=auth)
+    scan = time.monotonic() - started
+    assert r.status_code == 200
+    await asyncio.gather(*busy)
+    if backend == "sqlite":
+        assert lookup < 0.5 < scan
+    else:  # PostgreSQL reads go over the network: they stay off the event loop
+        assert lookup > 0.5

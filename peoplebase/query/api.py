@@ -71,13 +71,22 @@ class QueryAPI:
         blocked = limiter.blocked(client or "?")
         if blocked:  # too many failures from this address: the credentials are not checked
             return error_response(429, TOO_MANY_FAILURES, "Too Many Requests", blocked)
-        loop = asyncio.get_running_loop()
-        project = await loop.run_in_executor(None, self._authenticate, scope, fields)
+        if self._inline(fields):
+            project = self._authenticate(scope, fields)
+        else:
+            loop = asyncio.get_running_loop()
+            project = await loop.run_in_executor(None, self._authenticate, scope, fields)
         if isinstance(project, Response):
             if project.status in (401, 403):
                 limiter.failed(client or "?")
             return project
         return project, fields
+
+    def _inline(self, fields: dict[str, str]) -> bool:
+        """A single-profile lookup on a local SQLite file runs on the event loop: a primary-key
+        read costs less than handing it to a thread and taking the interpreter lock back from
+        a loop busy with ingestion (which cost milliseconds at p99 under load)."""
+        return bool(fields.get("distinct_id")) and getattr(self.store, "local_reads", False)
 
     def _acquire(self, project: Project) -> Response | None:
         running = self._running.get(project.id, 0)
@@ -106,6 +115,8 @@ class QueryAPI:
         if busy is not None:
             return busy
         try:
+            if self._inline(fields):
+                return self._run_query(project, fields)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, self._run_query, project, fields)
         except BadQuery as exc:

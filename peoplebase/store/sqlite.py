@@ -290,6 +290,10 @@ def _append(tail: bytes | None, new: bytes) -> bytes:
 
 
 class SqliteStore:
+    # Reads are local and short (a file in the page cache): the query API may run a
+    # single-profile lookup on the event loop instead of in a thread.
+    local_reads = True
+
     def __init__(
         self,
         path: str,
