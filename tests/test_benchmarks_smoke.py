@@ -87,3 +87,18 @@ def test_make_bench_quick_prints_the_table_with_both_floors(tmp_path: Path) -> N
     assert e2e["p99_ms"] >= e2e["p50_ms"] > 0
     assert e2e["cpu_us_per_record"] > 0 and e2e["peak_rss_mb"] > 0
     assert row["query"]["queries"] > 0 and row["query"]["query_p99_ms"] > 0
+
+
+def test_http_server_comparison_runs_and_prints_its_table() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.http_servers", "--runs", "1", "--seconds", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| uvicorn")]
+    assert len(rows) == 1
+    records_per_s = float(rows[0].split("|")[3].replace(",", ""))
+    assert records_per_s > 0
