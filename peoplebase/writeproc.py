@@ -159,6 +159,11 @@ class ProcessWriteStore:
                 conn.send(message)
             except (EOFError, OSError):
                 pass  # reported by await_group, in this ticket's turn
+            except BaseException:
+                # not sent at all (pickling failed before anything was written): give the
+                # ticket back, or every later answer would wait for this one
+                self._sent -= 1
+                raise
             return ticket, conn
 
     def await_group(self, sent: tuple[int, Connection]) -> list[Applied]:

@@ -97,3 +97,22 @@ def test_groups_in_flight_when_the_child_dies(tmp_path: Path) -> None:
     assert stored == sorted(stored)  # in arrival order
     assert set(acknowledged) <= set(stored)  # nothing acknowledged is lost
     assert len(stored) >= len(acknowledged) and failed + len(acknowledged) == 7
+
+
+def test_a_group_that_cannot_be_sent_does_not_hold_up_the_next(tmp_path: Path) -> None:
+    store = ProcessWriteStore(str(tmp_path / "unsent.db"), synchronous="normal")
+    store.start()
+    validator = Validator()
+    try:
+        bad = _request(0, validator)
+        bad[0].ops["$set"] = {"x": lambda: None}  # cannot be pickled
+        try:
+            store.send_group([bad])
+        except Exception as exc:  # pickling error, raised to the writer, which answers it
+            assert "pickle" in str(exc).lower() or "lambda" in str(exc).lower()
+        else:
+            raise AssertionError("an unpicklable group was sent")
+        ok = store.send_group([_request(1, validator)])
+        assert store.await_group(ok)[0].dropped == 0  # answered, not stuck behind the first
+    finally:
+        store.close()
