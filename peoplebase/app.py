@@ -190,7 +190,11 @@ class PeoplebaseApp:
             response = await self.query_api.handle(scope, receive)
             await _send(send, response, None)
             return
-        ingest = not trimmed.startswith("/api/") and (last == "engage" or last in EVENT_ROUTES)
+        # Ingestion routes work under any path prefix (e.g. /mp/engage behind a proxy), except
+        # the query API's and the web page's own trees (/ui/static/record is a file name).
+        ingest = not trimmed.startswith(("/api/", "/ui/")) and (
+            last == "engage" or last in EVENT_ROUTES
+        )
         if ingest:
             origin = header(scope, b"origin")
             if method == "OPTIONS":

@@ -236,3 +236,14 @@ async def test_static_files_are_served_and_any_other_name_is_404(client: AppClie
     for name in ["x" * 300 + ".css", "%E1%B9%B0" * 200, "..%2Fweb.py", "", "nope.js", ".hidden"]:
         r = await client.http.get("/ui/static/" + name)
         assert r.status_code == 404, name
+
+
+async def test_paths_under_ui_are_never_ingestion_routes(client: AppClient) -> None:
+    """Ingestion answers under any prefix (/mp/engage), but not inside the web page's tree."""
+    for path in ["/ui/static/record", "/ui/static/engage"]:
+        r = await client.http.get(path)
+        assert r.status_code == 404, path
+    r = await client.http.get("/ui/track")
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")  # a page
+    r = await client.http.get("/mp/track")
+    assert (r.status_code, r.text) == (200, "0")  # a prefixed event route still answers
