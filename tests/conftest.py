@@ -19,8 +19,9 @@ from peoplebase.app import PeoplebaseApp
 from peoplebase.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-CAPTURES = SHARED / "reference" / "sdk-captures"
+# Real SDK requests (tests/golden/sdk-captures/README.md), kept in the repository so the suite
+# needs nothing outside it.
+CAPTURES = ROOT / "tests" / "golden" / "sdk-captures"
 
 
 def free_port() -> int:
