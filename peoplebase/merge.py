@@ -132,11 +132,14 @@ class _Profile:
     purge_before: float | None = None  # delete stored log entries with time < this
     compact_before: float | None = None  # delete stored log entries with time < this
     # After a late update the state is refolded from the log once, when the profile's updates
-    # of this group are all in the log (not once per late update): until then `stale` is set
-    # and `watch` collects the skips wanted from that fold, by seq.
-    stale: bool = False
-    watch: dict[int, list[Skip]] = field(default_factory=dict)
-    watchers: list[tuple[int, Applied, int]] = field(default_factory=list)  # seq, result, index
+    # of this group are all in the log (not once per late update). Until then the state is
+    # stale, and the updates whose skipped keys that fold must report wait here:
+    # seq -> (their request's result, their index in the request).
+    waiting: dict[int, tuple[Applied, int]] = field(default_factory=dict)
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.waiting)
 
 
 class Merger:
@@ -240,21 +243,15 @@ class Merger:
             self._log(backend, prof)
             result.late += 1
         self._append(prof, entry)
-        prof.stale = True
-        prof.watch[seq] = []
-        prof.watchers.append((seq, result, u.index))
+        prof.waiting[seq] = (result, u.index)
 
     def _refold(self, backend: MergeBackend, prof: _Profile) -> None:
-        prof.row.props = fold(
-            prof.row.base, self._log(backend, prof), self.max_properties, prof.watch
-        )
-        for seq, result, index in prof.watchers:
-            skips = prof.watch.get(seq)
-            if skips:
-                result.skips.setdefault(index, []).extend(skips)
-        prof.stale = False
-        prof.watch = {}
-        prof.watchers = []
+        watch: dict[int, list[Skip]] = {seq: [] for seq in prof.waiting}
+        prof.row.props = fold(prof.row.base, self._log(backend, prof), self.max_properties, watch)
+        for seq, (result, index) in prof.waiting.items():
+            if watch[seq]:
+                result.skips.setdefault(index, []).extend(watch[seq])
+        prof.waiting = {}
 
     def _is_retry(self, backend: MergeBackend, prof: _Profile, r: int, u: Update) -> bool:
         for entry in self._log(backend, prof):

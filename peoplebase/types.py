@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Operations in the fixed order they are applied within one record (SPEC §2).
@@ -45,23 +46,10 @@ class Update:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # `--writer process` pickles every update: a plain tuple of fields pickles in half
         # the time of the dataclass's generated __getstate__/__setstate__
-        return (
-            Update,
-            (
-                self.index,
-                self.token,
-                self.distinct_id,
-                self.time,
-                self.explicit_time,
-                self.ignore_time,
-                self.ops,
-                self.received,
-                self.geo,
-                self.dedup,
-                self.clamped,
-                self.skips,
-            ),
-        )
+        return (Update, _update_fields(self))
+
+
+_update_fields = operator.attrgetter(*(f.name for f in fields(Update)))
 
 
 @dataclass(slots=True)

@@ -145,9 +145,7 @@ class Writer:
         while True:
             with self._send_lock:
                 jobs = self._take()
-                if jobs is None:
-                    with self._cond:
-                        self._cond.notify_all()  # the other writer thread may be waiting
+                if jobs is None:  # stopping: the other thread then finds the same
                     return
                 counts = self._take_counts()
                 sent_at = time.monotonic()

@@ -224,7 +224,6 @@ class _Backend:
                 entries = self._raw[key]
                 tail = orjson.dumps(entries) if entries else None
                 n = len(entries)
-                last_seq = max((e[1] for e in entries), default=0)  # names a spilled chunk
                 if new:
                     tail = _append(tail, encode_entries(new))
                     n += len(new)
@@ -238,8 +237,8 @@ class _Backend:
                 and (n > TAIL_MAX_ENTRIES or len(tail) > TAIL_MAX_BYTES)
             ):
                 # seqs only grow: the newest entry's seq names the chunk uniquely
-                last_seq = new[-1].seq if new else last_seq
-                spilled.append((key[0], key[1], last_seq, tail))
+                newest = new[-1].seq if new else max(e[1] for e in self._raw[key])
+                spilled.append((key[0], key[1], newest, tail))
                 tail, n, chunks = None, 0, chunks + 1
             (updates if key in loaded else inserts).append(
                 (
@@ -263,7 +262,7 @@ class _Backend:
             )
         if spilled:
             self.conn.executemany(
-                "INSERT INTO log_chunks (project_id, distinct_id, first_seq, entries) "
+                "INSERT INTO log_chunks (project_id, distinct_id, last_seq, entries) "
                 "VALUES (?, ?, ?, ?)",
                 spilled,
             )

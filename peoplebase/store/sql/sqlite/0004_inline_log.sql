@@ -12,13 +12,13 @@ ALTER TABLE profiles ADD COLUMN chunks INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE log_chunks (
     project_id  INTEGER NOT NULL,
     distinct_id TEXT NOT NULL,
-    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,  -- the newest arrival among its entries: names the chunk
     entries     BLOB NOT NULL,
-    PRIMARY KEY (project_id, distinct_id, first_seq)
+    PRIMARY KEY (project_id, distinct_id, last_seq)
 ) WITHOUT ROWID;
 
-INSERT INTO log_chunks (project_id, distinct_id, first_seq, entries)
-SELECT project_id, distinct_id, min(seq),
+INSERT INTO log_chunks (project_id, distinct_id, last_seq, entries)
+SELECT project_id, distinct_id, max(seq),
        CAST(json_group_array(json_array(time, seq, received, dedup, json(body)) ORDER BY time, seq) AS BLOB)
 FROM updates
 GROUP BY project_id, distinct_id;
