@@ -62,46 +62,19 @@ async def test_http_ndjson_and_csv(client: AppClient) -> None:
     assert r.status_code == 401
 
 
+def _cli_export(db: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "peoplebase", "export", "--db", db, "--project", "t", *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 async def test_cli_export_and_library(client: AppClient, tmp_path: Path) -> None:
     await seed(client, 30)
     out = tmp_path / "out.ndjson"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peoplebase",
-            "export",
-            "--db",
-            client.app.settings.db,
-            "--project",
-            "t",
-            "--where",
-            'properties["i"] < 10',
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = _cli_export(client.app.settings.db, "--where", 'properties["i"] < 10', "-o", str(out))
     assert run.returncode == 0, run.stderr
     assert "exported 10 profiles" in run.stderr
     assert len(out.read_bytes().splitlines()) == 10
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peoplebase",
-            "export",
-            "--db",
-            client.app.settings.db,
-            "--project",
-            "t",
-            "--where",
-            "1 +",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _cli_export(client.app.settings.db, "--where", "1 +")
     assert bad.returncode != 0 and "position" in bad.stderr
 
 
