@@ -365,9 +365,10 @@ def run_case(opts: Options, case: Case) -> dict[str, Any]:
     return row
 
 
-def soak(opts: Options, minutes: float) -> dict[str, Any]:
+def soak(opts: Options, minutes: float, extra: list[str] | None = None) -> dict[str, Any]:
     """Closed-loop ingestion for `minutes`, sampling the server's RSS every 30 s."""
     case = Case(100_000, 50, 16)
+    case.extra = [*case.extra, *(extra or [])]
     seed, _ = seeded_db(opts, case.profiles)
     bodies = bodies_file(opts, case)
     db = fresh_db(opts, seed, "soak")
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_case(opts, case) for case in chosen]
     result: dict[str, Any] = {"rows": rows}
     if args.full and not args.no_soak:
-        result["soak"] = soak(opts, args.soak_minutes)
+        result["soak"] = soak(opts, args.soak_minutes, shlex.split(args.serve_args or ""))
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(

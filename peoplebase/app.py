@@ -77,6 +77,7 @@ class PeoplebaseApp:
         store_kwargs: dict[str, Any] = {
             "synchronous": settings.synchronous,
             "reorder_window": settings.reorder_window,
+            "max_log_entries": settings.max_log_entries,
             "max_properties": settings.max_properties,
             "open_tokens": settings.tokens_open,
         }

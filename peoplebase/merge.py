@@ -24,6 +24,9 @@ from .types import Applied, Props, Skip, Update
 
 Key = tuple[int, str]  # (project id, distinct_id)
 NEVER = -math.inf
+# Entries a profile's log may hold: a late update replays the log, so this bounds the work one
+# update can cause (docs/ordering.md, "How long the log is").
+DEFAULT_MAX_LOG_ENTRIES = 10_000
 
 
 @dataclass(slots=True)
@@ -33,6 +36,10 @@ class ProfileRow:
     base: Props | None = None  # state before the oldest log entry
     tomb: float | None = None  # time of the newest $delete
     log_min: float | None = None  # time of the oldest log entry; None = empty log
+    log_n: int = 0  # entries in the log
+    # Updates older than this can no longer be put in order: the log was cut at this time to
+    # stay within max_log_entries (None: never cut, only the reorder window applies)
+    log_floor: float | None = None
     dirty: bool = False
 
 
@@ -91,6 +98,11 @@ class MergeBackend(Protocol):
 
     def load_log(self, key: Key) -> list[LogEntry]: ...
 
+    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
+        """Whether the profile's stored log holds an entry with this dedup key and a time of
+        at least not_before (a retry check that does not decode the log)."""
+        ...
+
     def delete_log(self, key: Key, before: float) -> None:
         """Delete the profile's log entries with time < before."""
         ...
@@ -148,10 +160,13 @@ class Merger:
         reorder_window: float = 7 * 86400.0,
         max_properties: int = 2000,
         open_tokens: bool = True,
+        max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES,
     ) -> None:
         self.window = reorder_window
         self.max_properties = max_properties
         self.open_tokens = open_tokens
+        # 0: no limit. Otherwise a log longer than this is cut to 3/4 of it (hysteresis).
+        self.max_log_entries = max_log_entries
 
     def apply(self, backend: MergeBackend, requests: Sequence[Sequence[Update]]) -> list[Applied]:
         """Merge the updates of several requests (in arrival order) in one transaction."""
@@ -200,6 +215,7 @@ class Merger:
             prof.log.append(entry)
         row = prof.row
         row.log_min = entry.time if row.log_min is None else min(row.log_min, entry.time)
+        row.log_n += 1
 
     def _one(
         self, backend: MergeBackend, prof: _Profile, r: int, u: Update, seq: int, result: Applied
@@ -217,7 +233,9 @@ class Merger:
         if u.dedup is not None and maybe_retry and self._is_retry(backend, prof, r, u):
             result.dropped += 1
             return
-        beyond = row.last_time != NEVER and t < row.last_time - self.window
+        beyond = (row.last_time != NEVER and t < row.last_time - self.window) or (
+            row.log_floor is not None and t < row.log_floor
+        )
         if beyond:
             t = row.last_time
             result.beyond_window += 1
@@ -254,10 +272,19 @@ class Merger:
         prof.waiting = {}
 
     def _is_retry(self, backend: MergeBackend, prof: _Profile, r: int, u: Update) -> bool:
-        for entry in self._log(backend, prof):
-            if entry.dedup == u.dedup and entry.request != r:
+        dedup = u.dedup
+        assert dedup is not None
+        if prof.log is not None:
+            entries: Iterable[LogEntry] = prof.log
+        else:
+            # the stored log is only asked, not decoded: an update that turns out older than
+            # the window or the log's cut is then applied without reading the log at all
+            if prof.row.log_min is not None and backend.has_retry_key(
+                prof.key, dedup, prof.purge_before if prof.purge_before is not None else NEVER
+            ):
                 return True
-        return False
+            entries = prof.new
+        return any(e.dedup == dedup and e.request != r for e in entries)
 
     def _delete(self, backend: MergeBackend, prof: _Profile, entry: LogEntry) -> None:
         """Purge the log before the delete's time and log the delete itself.
@@ -276,24 +303,45 @@ class Merger:
         prof.purge_before = t if prof.purge_before is None else max(prof.purge_before, t)
         row.tomb = t
         row.base = None
+        row.log_n = len(prof.log)
         self._append(prof, entry)
         row.props = fold(None, prof.log, self.max_properties)
         row.log_min = min(e.time for e in prof.log)
         row.last_time = max(row.last_time, t)
 
     def _maybe_compact(self, backend: MergeBackend, prof: _Profile) -> None:
-        """Fold log entries older than the window into the base (with hysteresis)."""
+        """Fold log entries into the base: those older than the window, and the oldest of a log
+        longer than max_log_entries (both with hysteresis)."""
         row = prof.row
-        if row.log_min is None or row.log_min >= row.last_time - 1.5 * self.window:
-            return
-        cutoff = row.last_time - self.window
+        if row.log_min is not None and row.log_min < row.last_time - 1.5 * self.window:
+            self._fold_before(backend, prof, row.last_time - self.window)
+        limit = self.max_log_entries
+        if limit and row.log_n > limit:
+            log = sorted(self._log(backend, prof), key=lambda e: (e.time, e.seq))
+            keep = max(1, limit * 3 // 4)
+            if len(log) <= keep:  # the count was off (it is exact from here on)
+                row.log_n = len(log)
+                row.dirty = True
+                return
+            # keep the newest 3/4 of the limit; entries sharing the cut's $time all stay
+            cutoff = log[len(log) - keep].time
+            if cutoff > log[0].time:
+                self._fold_before(backend, prof, cutoff)
+                # an update older than the cut can no longer be put in its place
+                row.log_floor = cutoff if row.log_floor is None else max(row.log_floor, cutoff)
+
+    def _fold_before(self, backend: MergeBackend, prof: _Profile, cutoff: float) -> None:
+        row = prof.row
         log = self._log(backend, prof)
         old = [e for e in log if e.time < cutoff]
         row.base = fold(row.base, old, self.max_properties)
         prof.log = [e for e in log if e.time >= cutoff]
         prof.new = [e for e in prof.new if e.time >= cutoff]
-        prof.compact_before = cutoff
+        prof.compact_before = (
+            cutoff if prof.compact_before is None else max(prof.compact_before, cutoff)
+        )
         row.log_min = min((e.time for e in prof.log), default=None)
+        row.log_n = len(prof.log)
         row.dirty = True
 
     def _write(self, backend: MergeBackend, touched: list[_Profile]) -> None:
@@ -341,6 +389,8 @@ class MemoryBackend:
                     base=orjson.loads(orjson.dumps(row.base)) if row.base is not None else None,
                     tomb=row.tomb,
                     log_min=row.log_min,
+                    log_n=row.log_n,
+                    log_floor=row.log_floor,
                 )
         return out
 
@@ -349,6 +399,9 @@ class MemoryBackend:
             LogEntry(t, s, decode_update(body, t, key[1]), d)
             for t, s, body, d in sorted(self.logs.get(key, []), key=lambda e: (e[0], e[1]))
         ]
+
+    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
+        return any(e[3] == dedup and e[0] >= not_before for e in self.logs.get(key, []))
 
     def delete_log(self, key: Key, before: float) -> None:
         entries = self.logs.get(key, [])
@@ -367,6 +420,8 @@ class MemoryBackend:
                 base=orjson.loads(orjson.dumps(row.base)) if row.base is not None else None,
                 tomb=row.tomb,
                 log_min=row.log_min,
+                log_n=row.log_n,
+                log_floor=row.log_floor,
             )
 
     def profile(self, token: str, distinct_id: str) -> Props | None:

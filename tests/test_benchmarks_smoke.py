@@ -102,3 +102,15 @@ def test_http_server_comparison_runs_and_prints_its_table() -> None:
     assert len(rows) == 1
     records_per_s = float(rows[0].split("|")[3].replace(",", ""))
     assert records_per_s > 0
+
+
+def test_late_replay_benchmark_runs_and_the_limit_cuts_the_log(tmp_path: Path) -> None:
+    from benchmarks.late_replay import one_length
+
+    capped = one_length(600, 300, 2, tmp_path)
+    free = one_length(600, 0, 2, tmp_path)
+    assert capped["log_after"] <= 300 < free["log_after"] == 600 + 4
+    # 1 hour late lies before the cut (60 s of $time are kept): applied on top, only when capped
+    assert capped["late_1h_beyond"] == 2 and free["late_1h_beyond"] == 0
+    assert capped["late_10s_beyond"] == free["late_10s_beyond"] == 0
+    assert all(r[k] > 0 for r in (capped, free) for k in ("late_10s_ms", "late_1h_ms"))

@@ -553,3 +553,90 @@ def test_retry_of_first_of_two_deletes_at_same_time() -> None:
     )
     assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 10)}
     assert results[2].dropped == 1 and results[3].dropped == 1
+
+
+# --- the log's length is bounded (max_log_entries) ----------------------------------------
+
+
+def test_log_is_cut_at_max_entries_and_state_is_unchanged() -> None:
+    merger = Merger(max_log_entries=4)
+    backend = MemoryBackend()
+    arrived: list[Raw] = []
+    for t in range(10):
+        raw = rec(t * 10, set={"p": t}, add={"n": 1})
+        arrived.append(raw)
+        merger.apply(backend, to_updates([[raw]]))
+        (key,) = backend.rows
+        assert len(backend.logs[key]) <= 4
+        assert backend.rows[key].log_n == len(backend.logs[key])
+    # in-order updates: cutting the log folds the oldest into the base, the state is the same
+    assert profiles(backend) == reference(arrived)
+    row = backend.rows[key]
+    # the newest 3 entries (3/4 of 4) were kept at the last cut: the floor is the oldest of them
+    assert row.log_floor == min(e[0] for e in backend.logs[key])
+    assert row.log_floor is not None and T0 + 50 <= row.log_floor <= T0 + 70
+
+
+def test_update_newer_than_the_cut_is_put_in_place() -> None:
+    merger = Merger(max_log_entries=4)
+    in_order = [rec(t * 10, set={"p": t}, append={"l": t}) for t in range(10)]
+    backend, _ = run_memory([[[raw]] for raw in in_order], merger)
+    floor = backend.rows[next(iter(backend.rows))].log_floor
+    assert floor is not None
+    late = rec(int(floor - T0) + 1, set={"q": "late"}, append={"l": "late"})
+    results = merger.apply(backend, to_updates([[late]]))
+    assert results[0].late == 1 and results[0].beyond_window == 0
+    assert profiles(backend) == reference([*in_order, late])
+
+
+def test_update_older_than_the_cut_is_applied_on_top() -> None:
+    merger = Merger(max_log_entries=4)
+    in_order = [rec(t * 10, set={"p": t}, append={"l": t}) for t in range(10)]
+    backend, _ = run_memory([[[raw]] for raw in in_order], merger)
+    older = rec(5, set={"p": "old"}, append={"l": "old"})
+    results = merger.apply(backend, to_updates([[older]]))
+    assert results[0].beyond_window == 1 and results[0].late == 0
+    # applied on top of the current state and recorded at the newest $time, as beyond the window
+    assert backend.profile(TOKEN, "a") == {
+        "p": "old",
+        "l": [*range(10), "old"],
+        "$last_seen": format_time(T0 + 90),
+    }
+    (key,) = backend.rows
+    assert max(e[0] for e in backend.logs[key]) == T0 + 90
+
+
+def test_log_of_one_instant_is_not_cut() -> None:
+    # entries sharing the cut's $time all stay: with one $time there is nothing to cut
+    merger = Merger(max_log_entries=2)
+    arrived = [rec(7, set={"p": i}, nonce=i) for i in range(6)]
+    backend, results = run_memory([[[raw]] for raw in arrived], merger)
+    (key,) = backend.rows
+    assert len(backend.logs[key]) == 6 and backend.rows[key].log_floor is None
+    assert profiles(backend) == reference(arrived)
+    assert sum(r.beyond_window for r in results) == 0
+
+
+@given(st.data())
+@settings(max_examples=150, deadline=None)
+def test_cut_logs_equal_reference_when_nothing_is_older_than_the_cut(data: st.DataObject) -> None:
+    # updates arriving in $time order are never older than a cut: any limit gives the reference
+    recs = data.draw(records(st.integers(0, 40), max_size=20))
+    recs.sort(key=lambda raw: raw["$time"])
+    # in order, in groups and requests of random sizes
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(recs) - 1)), max_size=6)))
+    groups: Groups = [
+        [[raw] for raw in recs[a:b]]
+        for a, b in zip([0, *cuts], [*cuts, len(recs)], strict=True)
+        if b > a
+    ]
+    limit = data.draw(st.integers(1, 6))
+    backend, results = run_memory(groups, Merger(max_log_entries=limit))
+    assert profiles(backend) == reference(recs)
+    assert sum(r.beyond_window for r in results) == 0
+    for key, log in backend.logs.items():
+        times = sorted(e[0] for e in log)
+        keep = max(1, limit * 3 // 4)
+        # at most the limit, unless the entries before the cut share the oldest $time
+        assert len(log) <= limit or times[len(times) - keep] == times[0]
+        assert backend.rows[key].log_n == len(log)

@@ -89,6 +89,37 @@ def test_concurrent_migrations_apply_each_version_once(empty_url: str) -> None:
     assert versions == [v for v, _ in migrations()]
 
 
+def test_migration_4_counts_every_profiles_log(empty_url: str) -> None:
+    # A database at version 3 has no log_n: migration 0004 counts each profile's log rows.
+    s = PostgresStore(empty_url, synchronous="normal")
+    s.migrate()
+    s.open()
+    try:
+        for did, n in {"a": 5, "b": 1}.items():
+            for t in range(n):
+                s.write_group([[update(0, did, 1_700_000_000 + t, {"$set": {"p": t}})]])
+    finally:
+        s.close()
+    with psycopg.connect(empty_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE profiles DROP COLUMN log_n, DROP COLUMN log_floor")
+        conn.execute("DELETE FROM schema_migrations WHERE version >= 4")
+    again = PostgresStore(empty_url, synchronous="normal", max_log_entries=4)
+    assert again.migrate() == migrations()[-1][0]
+    again.open()
+    try:
+        with psycopg.connect(empty_url) as conn:
+            counted = dict(conn.execute("SELECT distinct_id, log_n FROM profiles").fetchall())
+        assert counted == {"a": 5, "b": 1}
+        # the counts drive the limit from the first write on: a's log is cut to 3 entries
+        again.write_group([[update(0, "a", 1_700_000_100, {"$set": {"p": 100}})]])
+        project = again.project_by_token("tok")
+        assert project is not None
+        times = [e["time"] for e in again.profile_history(project.id, "a")]
+        assert sorted(times) == [1_700_000_003, 1_700_000_004, 1_700_000_100]
+    finally:
+        again.close()
+
+
 def test_newer_schema_is_refused(store: PostgresStore, postgres_url: str) -> None:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("INSERT INTO schema_migrations (version) VALUES (9999)")

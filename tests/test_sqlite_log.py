@@ -21,6 +21,8 @@ from peoplebase.merge import Merger
 from peoplebase.store import sqlite as sqlite_store
 from peoplebase.store.sqlite import SqliteStore, migrations
 from tests.test_merge import (
+    T0,
+    TOKEN,
     WINDOW,
     Groups,
     arrivals,
@@ -223,3 +225,36 @@ def test_new_files_get_the_page_size_existing_ones_keep_theirs(tmp_path: Path) -
     kept.write_group(to_updates([[rec(1, set={"p": 1})]]))
     assert read_back(kept, "tok")["a"] == reference([rec(1, set={"p": 1})])["a"]
     kept.close()
+
+
+def test_migration_counts_every_profiles_log(tiny_tails: None, tmp_path: Path) -> None:
+    # A version-4 file has no log_n: migration 0005 counts each log (chunks and tail).
+    db = tmp_path / "v4.db"
+    store = SqliteStore(str(db), synchronous="normal")
+    store.open()
+    lengths = {"a": 7, "b": 1, "c": 0}
+    for did, n in lengths.items():
+        for t in range(n):
+            store.write_group(to_updates([[rec(t, did, set={"p": t})]]))
+    assert _chunks(store) > 0  # tiny tails: most of the log is in chunks
+    store.close()
+    conn = apsw.Connection(str(db))
+    conn.execute("ALTER TABLE profiles DROP COLUMN log_n")
+    conn.execute("ALTER TABLE profiles DROP COLUMN log_floor")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    reopened = SqliteStore(str(db), synchronous="normal", max_log_entries=4)
+    reopened.open()
+    try:
+        counted = dict(reopened._reader().execute("SELECT distinct_id, log_n FROM profiles"))
+        assert counted == {"a": 7, "b": 1}
+        # the counts drive the limit from the first write on: a's log is cut to 3 entries
+        reopened.write_group(to_updates([[rec(100, "a", set={"p": 100})]]))
+        project = reopened.project_by_token(TOKEN)
+        assert project is not None
+        detail = reopened.profile_detail(project.id, "a")
+        assert detail is not None
+        assert [e.time for e in detail["log"]] == [T0 + 5, T0 + 6, T0 + 100]
+        assert dict(reopened.get_profiles(project.id, ["a"]))["a"]["p"] == 100
+    finally:
+        reopened.close()

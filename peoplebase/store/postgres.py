@@ -37,7 +37,15 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..merge import Key, LogEntry, Merger, ProfileRow, decode_update, encode_update
+from ..merge import (
+    DEFAULT_MAX_LOG_ENTRIES,
+    Key,
+    LogEntry,
+    Merger,
+    ProfileRow,
+    decode_update,
+    encode_update,
+)
 from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
@@ -71,11 +79,15 @@ POOL_SIZE = 10
 LOCK_PROFILE = (
     "INSERT INTO profiles (project_id, distinct_id, last_time) VALUES (%s, %s, '-Infinity') "
     "ON CONFLICT (project_id, distinct_id) DO UPDATE SET seq_hi = profiles.seq_hi "
-    "RETURNING props::text, last_time, base::text, tomb, log_min, seq_hi"
+    "RETURNING props::text, last_time, base::text, tomb, log_min, log_n, log_floor, seq_hi"
 )
 LOAD_LOG = (
     "SELECT time, seq, dedup, body FROM updates WHERE project_id = %s AND distinct_id = %s "
     "ORDER BY time, seq"
+)
+FIND_RETRY_KEY = (
+    "SELECT 1 FROM updates WHERE project_id = %s AND distinct_id = %s AND dedup = %s "
+    "AND time >= %s LIMIT 1"
 )
 DELETE_LOG_BEFORE = "DELETE FROM updates WHERE project_id = %s AND distinct_id = %s AND time < %s"
 INSERT_LOG = (
@@ -84,7 +96,8 @@ INSERT_LOG = (
 )
 SAVE_PROFILE = (
     "UPDATE profiles SET props = %s::jsonb, last_time = %s, base = %s::jsonb, tomb = %s, "
-    "log_min = %s, seq_hi = %s WHERE project_id = %s AND distinct_id = %s"
+    "log_min = %s, log_n = %s, log_floor = %s, seq_hi = %s "
+    "WHERE project_id = %s AND distinct_id = %s"
 )
 ADD_STATS = (
     "INSERT INTO stats (project_id, minute, name, node, count) VALUES (%s, %s, %s, %s, %s) "
@@ -96,6 +109,7 @@ DROP_PLACEHOLDER = (
 WRITE_PATH_SQL = (
     LOCK_PROFILE,
     LOAD_LOG,
+    FIND_RETRY_KEY,
     DELETE_LOG_BEFORE,
     INSERT_LOG,
     SAVE_PROFILE,
@@ -190,10 +204,13 @@ class _Backend:
         cur = self.conn.cursor()
         cur.executemany(LOCK_PROFILE, keys, returning=True)
         for key in keys:
-            props, last_time, base, tomb, log_min, seq_hi = cur.fetchone()  # type: ignore[misc]
+            row = cur.fetchone()
+            props, last_time, base, tomb, log_min, log_n, log_floor, seq_hi = row  # type: ignore[misc]
             self.seq_hi[key] = int(seq_hi)
             if last_time != NEVER:
-                self.rows[key] = ProfileRow(_loads(props), last_time, _loads(base), tomb, log_min)
+                self.rows[key] = ProfileRow(
+                    _loads(props), last_time, _loads(base), tomb, log_min, log_n, log_floor
+                )
             cur.nextset()
 
     # --- MergeBackend ---------------------------------------------------------------------
@@ -212,6 +229,11 @@ class _Backend:
     def load_log(self, key: Key) -> list[LogEntry]:
         rows = self.conn.execute(LOAD_LOG, key).fetchall()
         return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
+
+    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
+        # deletions of this group are still pending: not_before stands in for them
+        row = self.conn.execute(FIND_RETRY_KEY, (*key, dedup, not_before)).fetchone()
+        return row is not None
 
     def delete_log(self, key: Key, before: float) -> None:
         self.pending.append((DELETE_LOG_BEFORE, (*key, before)))
@@ -245,6 +267,8 @@ class _Backend:
                         _dumps(row.base),
                         row.tomb,
                         row.log_min,
+                        row.log_n,
+                        row.log_floor,
                         self.seq_end,
                         key[0],
                         key[1],
@@ -279,12 +303,13 @@ class PostgresStore:
         max_properties: int = 2000,
         open_tokens: bool = True,
         pool_size: int = POOL_SIZE,
+        max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES,
     ) -> None:
         self.url = url
         self.name = _redact(url)
         self.synchronous = synchronous
         self.open_tokens = open_tokens
-        self.merger = Merger(reorder_window, max_properties, open_tokens)
+        self.merger = Merger(reorder_window, max_properties, open_tokens, max_log_entries)
         self.pool_size = pool_size
         self.indexed_properties: tuple[str, ...] = ("$email", "$name")
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None

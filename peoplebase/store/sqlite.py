@@ -21,7 +21,15 @@ from typing import Any
 import apsw
 import orjson
 
-from ..merge import Key, LogEntry, Merger, ProfileRow, update_body, update_from_body
+from ..merge import (
+    DEFAULT_MAX_LOG_ENTRIES,
+    Key,
+    LogEntry,
+    Merger,
+    ProfileRow,
+    update_body,
+    update_from_body,
+)
 from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
@@ -168,12 +176,23 @@ class _Backend:
             for start in range(0, len(dids), _LOAD_CHUNK):
                 chunk = dids[start : start + _LOAD_CHUNK]
                 sql = (
-                    "SELECT distinct_id, props, last_time, base, tomb, log_min, tail, tail_n, "  # noqa: S608
-                    f"chunks FROM profiles WHERE project_id = ? AND distinct_id IN ({','.join('?' * len(chunk))})"
+                    "SELECT distinct_id, props, last_time, base, tomb, log_min, log_n, log_floor, "  # noqa: S608
+                    "tail, tail_n, chunks FROM profiles WHERE project_id = ? AND distinct_id IN "
+                    f"({','.join('?' * len(chunk))})"
                 )
-                for did, props, last_time, base, tomb, log_min, tail, n, chunks in cur.execute(
-                    sql, (pid, *chunk)
-                ):
+                for (
+                    did,
+                    props,
+                    last_time,
+                    base,
+                    tomb,
+                    log_min,
+                    log_n,
+                    log_floor,
+                    tail,
+                    n,
+                    chunks,
+                ) in cur.execute(sql, (pid, *chunk)):
                     key = (pid, did)
                     out[key] = ProfileRow(
                         loads(props) if props is not None else None,
@@ -181,6 +200,8 @@ class _Backend:
                         loads(base) if base is not None else None,
                         tomb,
                         log_min,
+                        log_n,
+                        log_floor,
                     )
                     tails[key] = (tail, n, chunks)
         return out
@@ -198,6 +219,9 @@ class _Backend:
             LogEntry(t, s, update_from_body(body, t, did, received), d)
             for t, s, received, d, body in self._stored(key)
         ]
+
+    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
+        return any(e[3] == dedup and e[0] >= not_before for e in self._stored(key))
 
     def delete_log(self, key: Key, before: float) -> None:
         self._raw[key] = [e for e in self._stored(key) if e[0] >= before]
@@ -247,6 +271,8 @@ class _Backend:
                     _dumps(row.base) if row.base is not None else None,
                     row.tomb,
                     row.log_min,
+                    row.log_n,
+                    row.log_floor,
                     tail,
                     n,
                     chunks,
@@ -268,15 +294,17 @@ class _Backend:
             )
         if inserts:
             self.conn.executemany(
-                "INSERT INTO profiles (props, last_time, base, tomb, log_min, tail, tail_n, "
-                "chunks, project_id, distinct_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO profiles (props, last_time, base, tomb, log_min, log_n, log_floor, "
+                "tail, tail_n, chunks, project_id, distinct_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 inserts,
             )
         if updates:
             # the rows were read in this transaction: a plain UPDATE finds each with one seek
             self.conn.executemany(
                 "UPDATE profiles SET props = ?, last_time = ?, base = ?, tomb = ?, log_min = ?, "
-                "tail = ?, tail_n = ?, chunks = ? WHERE project_id = ? AND distinct_id = ?",
+                "log_n = ?, log_floor = ?, tail = ?, tail_n = ?, chunks = ? "
+                "WHERE project_id = ? AND distinct_id = ?",
                 updates,
             )
 
@@ -300,12 +328,13 @@ class SqliteStore:
         reorder_window: float = 7 * 86400.0,
         max_properties: int = 2000,
         open_tokens: bool = True,
+        max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES,
         indexed_properties: tuple[str, ...] = ("$email", "$name"),
     ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.indexed_properties = tuple(indexes.check_name(n) for n in indexed_properties)
-        self.merger = Merger(reorder_window, max_properties, open_tokens)
+        self.merger = Merger(reorder_window, max_properties, open_tokens, max_log_entries)
         self._local = threading.local()
         self._write_conn: apsw.Connection | None = None
         self._token_ids: dict[str, int] = {}
