@@ -440,7 +440,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 _fmt(query["query_p99_ms"], 1) if query else "-",
             )
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(head)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"]
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in lines:

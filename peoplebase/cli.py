@@ -116,6 +116,8 @@ def serve(**options: Any) -> None:
     from .app import PeoplebaseApp
 
     settings = Settings(**options)
+    if settings.max_log_entries < 0:
+        raise click.BadParameter("must be 0 (no limit) or more", param_hint="--max-log-entries")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

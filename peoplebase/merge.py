@@ -12,6 +12,7 @@ primitives it needs inside their write transaction, and `MemoryBackend` is the r
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from .types import Applied, Props, Skip, Update
 
 Key = tuple[int, str]  # (project id, distinct_id)
 NEVER = -math.inf
-# Entries a profile's log may hold: a late update replays the log, so this bounds the work one
-# update can cause (docs/ordering.md, "How long the log is").
-DEFAULT_MAX_LOG_ENTRIES = 10_000
+# Entries a profile's log may hold (0: no limit, the reorder window alone bounds the log). A
+# late update replays the log, so a limit bounds the work one update can cause, at the price of
+# the ordering guarantee for updates older than the cut (docs/ordering.md, "How long the log is").
+DEFAULT_MAX_LOG_ENTRIES = 0
 
 
 @dataclass(slots=True)
@@ -166,6 +168,8 @@ class Merger:
         self.max_properties = max_properties
         self.open_tokens = open_tokens
         # 0: no limit. Otherwise a log longer than this is cut to 3/4 of it (hysteresis).
+        if max_log_entries < 0:
+            raise ValueError("max_log_entries must be 0 (no limit) or more")
         self.max_log_entries = max_log_entries
 
     def apply(self, backend: MergeBackend, requests: Sequence[Sequence[Update]]) -> list[Applied]:
@@ -317,18 +321,22 @@ class Merger:
             self._fold_before(backend, prof, row.last_time - self.window)
         limit = self.max_log_entries
         if limit and row.log_n > limit:
-            log = sorted(self._log(backend, prof), key=lambda e: (e.time, e.seq))
+            times = sorted(e.time for e in self._log(backend, prof))
             keep = max(1, limit * 3 // 4)
-            if len(log) <= keep:  # the count was off (it is exact from here on)
-                row.log_n = len(log)
+            if len(times) <= keep:  # the count was off (it is exact from here on)
+                row.log_n = len(times)
                 row.dirty = True
                 return
-            # keep the newest 3/4 of the limit; entries sharing the cut's $time all stay
-            cutoff = log[len(log) - keep].time
-            if cutoff > log[0].time:
-                self._fold_before(backend, prof, cutoff)
-                # an update older than the cut can no longer be put in its place
-                row.log_floor = cutoff if row.log_floor is None else max(row.log_floor, cutoff)
+            # keep the newest 3/4 of the limit; entries sharing the cut's $time stay with it,
+            # unless there are so many of them that the log would stay over the limit: then they
+            # go too, and the cut lies just after their $time
+            cutoff = times[len(times) - keep]
+            if len(times) - bisect.bisect_left(times, cutoff) > limit:
+                after = bisect.bisect_right(times, cutoff)
+                cutoff = times[after] if after < len(times) else math.nextafter(cutoff, math.inf)
+            self._fold_before(backend, prof, cutoff)
+            # an update older than the cut can no longer be put in its place
+            row.log_floor = cutoff if row.log_floor is None else max(row.log_floor, cutoff)
 
     def _fold_before(self, backend: MergeBackend, prof: _Profile, cutoff: float) -> None:
         row = prof.row

@@ -60,10 +60,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_log_entries",
-        10_000,
-        "Entries a profile's update log keeps; past it the oldest are folded into the profile's "
-        "snapshot, and updates older than the cut are applied on top like those beyond the "
-        "reorder window. Bounds the work one late update causes. 0: no limit.",
+        0,
+        "Entries a profile's update log may keep (0: no limit). Past it the oldest are folded "
+        "into the profile's snapshot, and updates older than the cut lose the ordering and "
+        "retry guarantees: they are applied on top like those beyond the reorder window. "
+        "Bounds the work one late update causes on a very busy profile.",
     ),
     Setting(
         "time_skew", 60.0, "Seconds a $time may lie in the future before it is clamped to now."
@@ -180,7 +181,7 @@ class Settings:
     tokens: str = "auto"
     synchronous: str = "full"
     reorder_window: float = 7 * 86400.0
-    max_log_entries: int = 10_000
+    max_log_entries: int = 0
     time_skew: float = 60.0
     max_records: int = 2000
     max_body_bytes: int = 10 * 1024 * 1024

@@ -274,6 +274,8 @@ def test_bad_setting_value_is_refused() -> None:
     assert r.exit_code == 2
     r = CliRunner().invoke(main, ["serve"], env={"PEOPLEBASE_MAX_RECORDS": "many"})
     assert r.exit_code == 2 and "'many'" in r.stderr
+    r = CliRunner().invoke(main, ["serve", "--max-log-entries", "-1"], env={})
+    assert r.exit_code == 2 and "--max-log-entries" in r.stderr and "0 (no limit)" in r.stderr
 
 
 # --- serving: bare `peoplebase`, env vars, token modes --------------------------------------

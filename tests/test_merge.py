@@ -606,15 +606,45 @@ def test_update_older_than_the_cut_is_applied_on_top() -> None:
     assert max(e[0] for e in backend.logs[key]) == T0 + 90
 
 
-def test_log_of_one_instant_is_not_cut() -> None:
-    # entries sharing the cut's $time all stay: with one $time there is nothing to cut
+def test_entries_sharing_the_cuts_time_stay_with_it() -> None:
+    merger = Merger(max_log_entries=4)
+    arrived = [rec(t, set={"p": t}, nonce=i) for i, t in enumerate([1, 2, 3, 3, 4])]
+    backend, results = run_memory([[arrived]], merger)
+    (key,) = backend.rows
+    # 3/4 of 4 = 3 newest would cut between the two entries at t=3: both stay
+    assert sorted(e[0] for e in backend.logs[key]) == [T0 + 3, T0 + 3, T0 + 4]
+    assert backend.rows[key].log_floor == T0 + 3
+    assert profiles(backend) == reference(arrived)
+    # an update at the cut's $time is still put in its place (after the two, by arrival)
+    same = rec(3, set={"p": "same", "q": 1}, nonce=9)
+    (result,) = merger.apply(backend, to_updates([[same]]))
+    assert result.late == 1 and result.beyond_window == 0
+    assert profiles(backend) == reference([*arrived, same])
+
+
+def test_log_of_one_instant_is_cut_whole() -> None:
+    # when the entries sharing the cut's $time alone exceed the limit they are folded too, so
+    # the log never stays over it; the cut lies just after their $time
     merger = Merger(max_log_entries=2)
-    arrived = [rec(7, set={"p": i}, nonce=i) for i in range(6)]
+    arrived = [rec(7, set={"p": i}, add={"n": 1}, nonce=i) for i in range(6)]
     backend, results = run_memory([[[raw]] for raw in arrived], merger)
     (key,) = backend.rows
-    assert len(backend.logs[key]) == 6 and backend.rows[key].log_floor is None
+    assert len(backend.logs[key]) <= 2
     assert profiles(backend) == reference(arrived)
-    assert sum(r.beyond_window for r in results) == 0
+    # the third update made the cut; the later ones at that $time lie under it: applied on
+    # top, which is their place in ($time, arrival) order anyway
+    assert [r.beyond_window for r in results] == [0, 0, 0, 1, 1, 1]
+    floor = backend.rows[key].log_floor
+    assert floor is not None and T0 + 7 <= floor < T0 + 7.000001
+    # a later update at that same $time comes after all of them: applied on top, as it should
+    last = rec(7, set={"p": "last"}, add={"n": 1}, nonce=99)
+    (result,) = merger.apply(backend, to_updates([[last]]))
+    assert profiles(backend) == reference([*arrived, last])
+
+
+def test_negative_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_log_entries"):
+        Merger(max_log_entries=-1)
 
 
 @given(st.data())
@@ -631,12 +661,10 @@ def test_cut_logs_equal_reference_when_nothing_is_older_than_the_cut(data: st.Da
         if b > a
     ]
     limit = data.draw(st.integers(1, 6))
-    backend, results = run_memory(groups, Merger(max_log_entries=limit))
+    backend, _ = run_memory(groups, Merger(max_log_entries=limit))
+    # (a record at the very $time of a cut's folded entries counts as beyond, and is applied on
+    # top: which is its place anyway)
     assert profiles(backend) == reference(recs)
-    assert sum(r.beyond_window for r in results) == 0
     for key, log in backend.logs.items():
-        times = sorted(e[0] for e in log)
-        keep = max(1, limit * 3 // 4)
-        # at most the limit, unless the entries before the cut share the oldest $time
-        assert len(log) <= limit or times[len(times) - keep] == times[0]
+        assert len(log) <= limit
         assert backend.rows[key].log_n == len(log)

@@ -231,7 +231,7 @@ class _Backend:
         return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
 
     def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
-        # deletions of this group are still pending: not_before stands in for them
+        # the merger passes the time before which a $delete of this group purges the log
         row = self.conn.execute(FIND_RETRY_KEY, (*key, dedup, not_before)).fetchone()
         return row is not None
 

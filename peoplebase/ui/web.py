@@ -359,6 +359,7 @@ class WebUI:
             tomb=detail["tomb"],
             location=location,
             window_days=self.app.settings.reorder_window / 86400,
+            max_log_entries=self.app.settings.max_log_entries,
             **base,
         )
 

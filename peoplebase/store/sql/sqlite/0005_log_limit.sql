@@ -8,7 +8,7 @@ ALTER TABLE profiles ADD COLUMN log_n INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE profiles ADD COLUMN log_floor REAL;
 
 UPDATE profiles SET log_n = tail_n + coalesce((
-    SELECT sum(json_array_length(c.entries)) FROM log_chunks c
+    SELECT sum(json_array_length(CAST(c.entries AS TEXT))) FROM log_chunks c
     WHERE c.project_id = profiles.project_id AND c.distinct_id = profiles.distinct_id
 ), 0)
 WHERE chunks > 0 OR tail_n > 0;
