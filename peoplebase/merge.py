@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .ops import apply_update
+from .ops import NON_CREATING, apply_update, format_time, names_geo, restricted, touched
 from .types import Applied, Props, Skip, Update
 
 Key = tuple[int, str]  # (project id, distinct_id)
@@ -29,6 +29,9 @@ NEVER = -math.inf
 # late update replays the log, so a limit bounds the work one update can cause, at the price of
 # the ordering guarantee for updates older than the cut (docs/ordering.md, "How long the log is").
 DEFAULT_MAX_LOG_ENTRIES = 0
+# From this many log entries a late update replays only the properties it touches (see
+# refold_touched); below it the whole fold costs less than finding out what to leave out.
+TOUCHED_REPLAY_MIN = 64
 
 
 @dataclass(slots=True)
@@ -47,12 +50,46 @@ class ProfileRow:
 
 @dataclass(slots=True)
 class LogEntry:
+    """One update in a profile's log. An entry read from storage keeps its stored `body` and
+    makes the `Update` only when something needs it: a replay of the properties a late update
+    touches reads just the operations of most entries."""
+
     time: float
     seq: int
-    update: Update
+    decoded: Update | None  # None: not made from `body` yet
     dedup: int | None = None
     request: int = -1  # request number within the group; -1 = from an earlier group
     stored: bool = True  # already in the backend's log
+    body: dict[str, Any] | None = None  # the stored form (update_body)
+    distinct_id: str = ""
+    received: float = 0.0
+
+    @property
+    def update(self) -> Update:
+        if self.decoded is None:
+            assert self.body is not None
+            self.decoded = update_from_body(self.body, self.time, self.distinct_id, self.received)
+        return self.decoded
+
+    @property
+    def ops(self) -> dict[str, Any]:
+        return self.decoded.ops if self.decoded is not None else self.body["o"]  # type: ignore[index]
+
+    @property
+    def ignore_time(self) -> bool:
+        if self.decoded is not None:
+            return self.decoded.ignore_time
+        return bool(self.body.get("i"))  # type: ignore[union-attr]
+
+    @property
+    def geo(self) -> Props | None:
+        return self.decoded.geo if self.decoded is not None else self.body.get("g")  # type: ignore[union-attr]
+
+    def stored_body(self) -> dict[str, Any]:
+        return self.body if self.decoded is None else update_body(self.decoded)  # type: ignore[return-value]
+
+    def received_at(self) -> float:
+        return self.received if self.decoded is None else self.decoded.received
 
 
 def update_body(update: Update) -> dict[str, Any]:
@@ -135,6 +172,133 @@ def fold(
             in_place=props is not None,
         )
     return props
+
+
+def refold_touched(
+    current: Props,
+    base: Props | None,
+    entries: Sequence[LogEntry],
+    changed: Iterable[int],
+    max_properties: int,
+    watch: dict[int, list[Skip]] | None = None,
+) -> Props | None:
+    """`fold(base, entries)` when `current` is the fold of the entries but those whose seqs are
+    `changed`, replaying only the properties the changed entries touch (and `$last_seen`).
+
+    Each operation acts on each property on its own, so the other properties keep their value.
+    That holds while the property limit cannot be reached and the log holds no $delete; else
+    (and when the profile does not exist) the answer is None and the caller folds everything.
+    """
+    changed = set(changed)
+    names: set[str] = set()
+    risky: set[str] = set()  # properties a changed entry may skip: their skips are reported
+    last_seen = False
+    everything = set(base) if base is not None else set()
+    ordered = sorted(entries, key=lambda e: (e.time, e.seq))
+    exists = base is not None
+    for entry in ordered:
+        ops = entry.ops
+        if "$delete" in ops:
+            return None
+        if not exists and not all(op in NON_CREATING for op in ops):
+            # the profile comes into being here in both folds, unless this is a changed entry:
+            # then it would exist earlier, and what the entries in between do would differ
+            # (geolocation and `$last_seen` apply only to a profile that exists)
+            if entry.seq in changed:
+                return None
+            exists = True
+        for value in ops.values():
+            everything.update(value)  # property names (or $unset's list of them)
+        geo = entry.geo
+        if geo:
+            everything.update(geo)
+        if entry.seq in changed:
+            names |= touched(entry.update) or set()
+            last_seen = last_seen or not entry.ignore_time
+            for op in ("$add", "$union", "$append"):
+                risky.update(ops.get(op, ()))
+    # the limit is never reached, whatever the order: no addition is ever skipped for it (an
+    # explicit `$last_seen`, not counted itself, is an addition when absent: hence <, not <=)
+    everything.discard("$last_seen")
+    if len(everything) >= max_properties:
+        return None
+    names -= _overwritten_later(ordered, changed, names - risky - {"$last_seen"})
+    named = "$last_seen" in names  # by an operation of a changed entry
+    if last_seen:
+        names.add("$last_seen")
+    if names == {"$last_seen"} and not named and base is not None:
+        stamp_at = _last_stamp(ordered)
+        if stamp_at is not None:  # the usual late $set: only the newest stamp matters
+            out = dict(current)
+            out["$last_seen"] = format_time(stamp_at)
+            return out
+    sub: Props | None = {k: base[k] for k in names if k in base} if base is not None else None
+    stamp = "$last_seen" in names
+    for entry in ordered:
+        ops = entry.ops
+        if sub is None:
+            if all(op in NON_CREATING for op in ops):
+                continue  # no effect at all on a missing profile, not even $last_seen
+            sub = {}
+        hit = any(not names.isdisjoint(value) for value in ops.values())
+        geo = entry.geo
+        if not hit and geo and not names.isdisjoint(geo):
+            hit = not names_geo(ops.get("$set"))
+        if not hit:
+            if stamp and not entry.ignore_time:  # all the update does to these properties
+                sub["$last_seen"] = format_time(entry.time)
+            continue
+        u = entry.update
+        u.time = entry.time
+        keys = touched(u) or set()
+        apply_update(
+            sub,
+            u if keys <= names else restricted(u, names),
+            max_properties,
+            watch.get(entry.seq) if watch else None,
+            in_place=True,
+        )
+    if sub is None:
+        return None
+    out = dict(current)
+    for name in names:
+        if name in sub:
+            out[name] = sub[name]
+        else:
+            out.pop(name, None)
+    return out
+
+
+def _last_stamp(ordered: list[LogEntry]) -> float | None:
+    """The $time the last entry writing `$last_seen` writes it with (a profile that exists
+    throughout), or None when an operation names `$last_seen` itself."""
+    for entry in reversed(ordered):
+        if any("$last_seen" in value for value in entry.ops.values()):
+            return None
+        if not entry.ignore_time:
+            return entry.time
+    return None
+
+
+def _overwritten_later(ordered: list[LogEntry], changed: set[int], names: set[str]) -> set[str]:
+    """The names that an entry after every changed one sets or unsets: their final value does
+    not depend on anything before that entry."""
+    last = max(i for i, e in enumerate(ordered) if e.seq in changed)
+    found: set[str] = set()
+    for entry in ordered[last + 1 :]:
+        ops = entry.ops
+        values = ops.get("$set")
+        if values:
+            found.update(name for name in names if name in values)
+        unset = ops.get("$unset")
+        if unset:
+            found.update(name for name in unset if name in names)
+        geo = entry.geo
+        if geo and not names_geo(values):
+            found.update(name for name in names if name in geo)
+        if len(found) == len(names):
+            break
+    return found
 
 
 @dataclass
@@ -269,7 +433,16 @@ class Merger:
 
     def _refold(self, backend: MergeBackend, prof: _Profile) -> None:
         watch: dict[int, list[Skip]] = {seq: [] for seq in prof.waiting}
-        prof.row.props = fold(prof.row.base, self._log(backend, prof), self.max_properties, watch)
+        row = prof.row
+        log = self._log(backend, prof)
+        props = None
+        if row.props is not None and len(log) >= TOUCHED_REPLAY_MIN:
+            props = refold_touched(
+                row.props, row.base, log, prof.waiting, self.max_properties, watch
+            )
+            if props is None:  # not exact here: the skips are collected again by the fold
+                watch = {seq: [] for seq in prof.waiting}
+        row.props = props if props is not None else fold(row.base, log, self.max_properties, watch)
         for seq, (result, index) in prof.waiting.items():
             if watch[seq]:
                 result.skips.setdefault(index, []).extend(watch[seq])
@@ -404,7 +577,7 @@ class MemoryBackend:
 
     def load_log(self, key: Key) -> list[LogEntry]:
         return [
-            LogEntry(t, s, decode_update(body, t, key[1]), d)
+            LogEntry(t, s, None, d, body=orjson.loads(body), distinct_id=key[1])
             for t, s, body, d in sorted(self.logs.get(key, []), key=lambda e: (e[0], e[1]))
         ]
 

@@ -141,7 +141,7 @@ OPERATIONS: dict[str, Callable[[_Target, Any], None]] = {
 }
 
 # Operations that do not bring a missing profile into being.
-_NON_CREATING = frozenset({"$remove", "$unset"})
+NON_CREATING = frozenset({"$remove", "$unset"})
 
 
 def apply_update(
@@ -159,13 +159,13 @@ def apply_update(
     if "$delete" in ops:
         return None
     if profile is None:
-        if all(op in _NON_CREATING for op in ops):
+        if not creates(update):
             return None
         profile = {}
     elif not in_place:
         profile = dict(profile)
     target = _Target(profile, max_properties, skips)
-    if update.geo and not _names_geo(ops.get("$set")):
+    if update.geo and not names_geo(ops.get("$set")):
         op_set(target, update.geo)
     for op, value in ops.items():
         OPERATIONS[op](target, value)
@@ -174,5 +174,55 @@ def apply_update(
     return profile
 
 
-def _names_geo(values: Props | None) -> bool:
+def names_geo(values: Props | None) -> bool:
+    """Whether a $set names a geolocation property (then the implicit geo $set is skipped)."""
     return bool(values) and any(name in values for name in GEO_PROPERTIES)  # type: ignore[operator]
+
+
+def creates(update: Update) -> bool:
+    """Whether the update brings a missing profile into being (not a $delete)."""
+    return "$delete" not in update.ops and not all(op in NON_CREATING for op in update.ops)
+
+
+def touched(update: Update) -> set[str] | None:
+    """The properties an update may change, `$last_seen` aside; None for a $delete."""
+    ops = update.ops
+    if "$delete" in ops:
+        return None
+    names: set[str] = set()
+    for value in ops.values():
+        names.update(value)  # the names of an object, or $unset's list of names
+    if update.geo and not names_geo(ops.get("$set")):
+        names.update(update.geo)
+    return names
+
+
+def restricted(update: Update, names: set[str]) -> Update:
+    """A copy of a (non-$delete) update that changes only the given properties.
+
+    Applied to a profile that exists, it changes those properties exactly as the whole update
+    would (each operation acts on each property independently, as long as the property limit
+    is not reached), and `$last_seen` as the whole update would.
+    """
+    ops: dict[str, Any] = {}
+    for op, value in update.ops.items():
+        if op == "$unset":
+            kept: Any = [name for name in value if name in names]
+        else:
+            kept = {name: v for name, v in value.items() if name in names}
+        if kept:
+            ops[op] = kept
+    geo = None
+    if update.geo and not names_geo(update.ops.get("$set")):
+        geo = {name: v for name, v in update.geo.items() if name in names} or None
+    return Update(
+        update.index,
+        update.token,
+        update.distinct_id,
+        update.time,
+        update.explicit_time,
+        update.ignore_time,
+        ops,
+        update.received,
+        geo,
+    )

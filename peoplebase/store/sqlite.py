@@ -27,7 +27,6 @@ from ..merge import (
     LogEntry,
     Merger,
     ProfileRow,
-    update_body,
     update_from_body,
 )
 from ..query import indexes
@@ -97,7 +96,7 @@ RawEntry = list[Any]  # [time, seq, received, dedup, body] as the log stores it
 def encode_entries(entries: Sequence[LogEntry]) -> bytes:
     """The JSON array the tail and the chunks hold."""
     return orjson.dumps(
-        [[e.time, e.seq, e.update.received, e.dedup, update_body(e.update)] for e in entries]
+        [[e.time, e.seq, e.received_at(), e.dedup, e.stored_body()] for e in entries]
     )
 
 
@@ -216,7 +215,7 @@ class _Backend:
     def load_log(self, key: Key) -> list[LogEntry]:
         did = key[1]
         return [
-            LogEntry(t, s, update_from_body(body, t, did, received), d)
+            LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
             for t, s, received, d, body in self._stored(key)
         ]
 
