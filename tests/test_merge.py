@@ -48,15 +48,20 @@ values = st.one_of(
 names = st.sampled_from(NAMES)
 adds = st.one_of(st.integers(-5, 5), st.sampled_from([0.5, -1.5, "2", "-1"]))
 
-OP_STRATEGIES = {
-    "$set": st.dictionaries(names, values, max_size=2),
-    "$set_once": st.dictionaries(names, values, max_size=2),
-    "$add": st.dictionaries(names, adds, min_size=1, max_size=2),
-    "$union": st.dictionaries(names, st.lists(scalars, max_size=3), min_size=1, max_size=2),
-    "$append": st.dictionaries(names, values, min_size=1, max_size=1),
-    "$remove": st.dictionaries(names, scalars, min_size=1, max_size=1),
-    "$unset": st.lists(names, min_size=1, max_size=2),
-}
+def op_strategies(names: st.SearchStrategy[str]) -> dict[str, st.SearchStrategy[Any]]:
+    """A value strategy for each operation, naming properties drawn from `names`."""
+    return {
+        "$set": st.dictionaries(names, values, max_size=2),
+        "$set_once": st.dictionaries(names, values, max_size=2),
+        "$add": st.dictionaries(names, adds, min_size=1, max_size=2),
+        "$union": st.dictionaries(names, st.lists(scalars, max_size=3), min_size=1, max_size=2),
+        "$append": st.dictionaries(names, values, min_size=1, max_size=1),
+        "$remove": st.dictionaries(names, scalars, min_size=1, max_size=1),
+        "$unset": st.lists(names, min_size=1, max_size=2),
+    }
+
+
+OP_STRATEGIES = op_strategies(names)
 
 
 @st.composite
@@ -674,15 +679,7 @@ def test_cut_logs_equal_reference_when_nothing_is_older_than_the_cut(data: st.Da
 # --- replaying only the touched properties equals the whole fold --------------------------------
 
 WIDE_NAMES = st.sampled_from(["p", "q", "l", "m", "n", "$city", "$last_seen"])
-WIDE_OPS = {
-    "$set": st.dictionaries(WIDE_NAMES, values, max_size=2),
-    "$set_once": st.dictionaries(WIDE_NAMES, values, max_size=2),
-    "$add": st.dictionaries(WIDE_NAMES, adds, min_size=1, max_size=2),
-    "$union": st.dictionaries(WIDE_NAMES, st.lists(scalars, max_size=3), min_size=1, max_size=2),
-    "$append": st.dictionaries(WIDE_NAMES, values, min_size=1, max_size=1),
-    "$remove": st.dictionaries(WIDE_NAMES, scalars, min_size=1, max_size=1),
-    "$unset": st.lists(WIDE_NAMES, min_size=1, max_size=2),
-}
+WIDE_OPS = op_strategies(WIDE_NAMES)
 
 
 @st.composite
