@@ -41,7 +41,10 @@ def test_pipelined_groups_keep_arrival_order(tmp_path: Path) -> None:
     db = str(tmp_path / "pl.db")
     store = ProcessWriteStore(db, synchronous="normal")
     store.start()
-    writer = Writer(store, group_records=5)  # small groups: many of them in flight
+    # small groups: many of them in flight; no refusal by expected wait (max_wait=0): on a
+    # loaded machine 300 queued records could otherwise be answered 503, which is not what
+    # this test is about
+    writer = Writer(store, group_records=5, max_wait=0.0)
     assert len(writer._threads) == ProcessWriteStore.PIPELINE_DEPTH == 2
     writer.start()
     try:
