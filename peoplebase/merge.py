@@ -234,6 +234,7 @@ def refold_touched(
             return out
     sub: Props | None = {k: base[k] for k in names if k in base} if base is not None else None
     stamp = "$last_seen" in names
+    pending: float | None = None  # the `$last_seen` stamp not written into `sub` yet
     for entry in ordered:
         ops = entry.ops
         if sub is None:
@@ -246,8 +247,11 @@ def refold_touched(
             hit = not names_geo(ops.get("$set"))
         if not hit:
             if stamp and not entry.ignore_time:  # all the update does to these properties
-                sub["$last_seen"] = format_time(entry.time)
+                pending = entry.time  # formatted once, when something reads it or at the end
             continue
+        if pending is not None:
+            sub["$last_seen"] = format_time(pending)
+            pending = None
         u = entry.update
         u.time = entry.time
         keys = touched(u) or set()
@@ -260,6 +264,8 @@ def refold_touched(
         )
     if sub is None:
         return None
+    if pending is not None:
+        sub["$last_seen"] = format_time(pending)
     out = dict(current)
     for name in names:
         if name in sub:
