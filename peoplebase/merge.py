@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .ops import NON_CREATING, apply_update, format_time, names_geo, restricted, touched
+from .ops import apply_update, creates, format_time, names_geo, restricted, touched
 from .types import Applied, Props, Skip, Update
 
 Key = tuple[int, str]  # (project id, distinct_id)
@@ -139,7 +139,7 @@ class MergeBackend(Protocol):
 
     def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
         """Whether the profile's stored log holds an entry with this dedup key and a time of
-        at least not_before (a retry check that does not decode the log)."""
+        at least not_before (a retry check that makes no updates of the stored entries)."""
         ...
 
     def delete_log(self, key: Key, before: float) -> None:
@@ -187,7 +187,8 @@ def refold_touched(
 
     Each operation acts on each property on its own, so the other properties keep their value.
     That holds while the property limit cannot be reached and the log holds no $delete; else
-    (and when the profile does not exist) the answer is None and the caller folds everything.
+    (and when a changed entry would create the profile earlier) the answer is None, before any
+    skip is collected, and the caller folds everything.
     """
     changed = set(changed)
     names: set[str] = set()
@@ -200,7 +201,7 @@ def refold_touched(
         ops = entry.ops
         if "$delete" in ops:
             return None
-        if not exists and not all(op in NON_CREATING for op in ops):
+        if not exists and creates(ops):
             # the profile comes into being here in both folds, unless this is a changed entry:
             # then it would exist earlier, and what the entries in between do would differ
             # (geolocation and `$last_seen` apply only to a profile that exists)
@@ -238,7 +239,7 @@ def refold_touched(
     for entry in ordered:
         ops = entry.ops
         if sub is None:
-            if all(op in NON_CREATING for op in ops):
+            if not creates(ops):
                 continue  # no effect at all on a missing profile, not even $last_seen
             sub = {}
         hit = any(not names.isdisjoint(value) for value in ops.values())
@@ -262,8 +263,9 @@ def refold_touched(
             watch.get(entry.seq) if watch else None,
             in_place=True,
         )
-    if sub is None:
-        return None
+    # `current` exists, so an unchanged entry (or the base) creates the profile, and no changed
+    # entry creates it earlier (checked above): the replay creates it at the same entry
+    assert sub is not None
     if pending is not None:
         sub["$last_seen"] = format_time(pending)
     out = dict(current)
@@ -446,8 +448,6 @@ class Merger:
             props = refold_touched(
                 row.props, row.base, log, prof.waiting, self.max_properties, watch
             )
-            if props is None:  # not exact here: the skips are collected again by the fold
-                watch = {seq: [] for seq in prof.waiting}
         row.props = props if props is not None else fold(row.base, log, self.max_properties, watch)
         for seq, (result, index) in prof.waiting.items():
             if watch[seq]:

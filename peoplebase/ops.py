@@ -141,7 +141,7 @@ OPERATIONS: dict[str, Callable[[_Target, Any], None]] = {
 }
 
 # Operations that do not bring a missing profile into being.
-NON_CREATING = frozenset({"$remove", "$unset"})
+_NON_CREATING = frozenset({"$remove", "$unset"})
 
 
 def apply_update(
@@ -159,7 +159,7 @@ def apply_update(
     if "$delete" in ops:
         return None
     if profile is None:
-        if not creates(update):
+        if not creates(ops):
             return None
         profile = {}
     elif not in_place:
@@ -179,9 +179,9 @@ def names_geo(values: Props | None) -> bool:
     return bool(values) and any(name in values for name in GEO_PROPERTIES)  # type: ignore[operator]
 
 
-def creates(update: Update) -> bool:
-    """Whether the update brings a missing profile into being (not a $delete)."""
-    return "$delete" not in update.ops and not all(op in NON_CREATING for op in update.ops)
+def creates(ops: dict[str, Any]) -> bool:
+    """Whether an update's operations bring a missing profile into being (not a $delete)."""
+    return "$delete" not in ops and not all(op in _NON_CREATING for op in ops)
 
 
 def touched(update: Update) -> set[str] | None:
