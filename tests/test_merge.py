@@ -813,3 +813,29 @@ def test_retries_of_a_cut_log() -> None:
     (cut,) = merger.apply(backend, to_updates([[dict(arrived[0])]]))
     assert cut.dropped == 0 and cut.beyond_window == 1
     assert backend.profile(TOKEN, "a")["n"] == 11  # type: ignore[index]
+
+
+def test_window_and_limit_cut_the_same_log() -> None:
+    # both foldings on one profile: the window's (entries older than last - window, once the
+    # oldest is 1.5 windows old) and the limit's; the state is the in-order fold throughout
+    merger = Merger(reorder_window=50.0, max_log_entries=4)
+    backend = MemoryBackend()
+    arrived = []
+    for t in range(0, 200, 10):
+        raw = rec(t, add={"n": 1}, set={"p": t})
+        arrived.append(raw)
+        merger.apply(backend, to_updates([[raw]]))
+        (key,) = backend.rows
+        row = backend.rows[key]
+        assert row.log_n == len(backend.logs[key]) <= 4
+        assert min(e[0] for e in backend.logs[key]) >= row.last_time - 75.0
+    assert profiles(backend) == reference(arrived)
+    # a $delete older than the cut is applied on top like any such update: the profile goes
+    (result,) = merger.apply(backend, to_updates([[rec(5, delete=1)]]))
+    assert result.beyond_window == 1
+    assert backend.profile(TOKEN, "a") is None
+    # its tombstone lies at the newest $time (190): older updates are dropped, newer ones build
+    (result,) = merger.apply(backend, to_updates([[rec(185, set={"q": 1})]]))
+    assert result.dropped == 1 and backend.profile(TOKEN, "a") is None
+    merger.apply(backend, to_updates([[rec(195, set={"q": 2})]]))
+    assert backend.profile(TOKEN, "a") == {"q": 2, "$last_seen": format_time(T0 + 195)}

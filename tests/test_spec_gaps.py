@@ -13,7 +13,9 @@ from typing import Any
 
 import orjson
 
+from peoplebase.app import PeoplebaseApp
 from peoplebase.importer import import_lines
+from peoplebase.settings import Settings
 from peoplebase.store.sqlite import SqliteStore
 from tests.conftest import AppClient
 
@@ -181,3 +183,27 @@ async def test_import_time_is_the_lines_last_seen(client: AppClient) -> None:
     # no $last_seen: the import time, newer than the live update, so the export wins; with
     # $ignore_time the import does not move $last_seen
     assert profile(client, "new") == {"plan": "exported", "x": 1, "$last_seen": last_seen(recent)}
+
+
+# --- max_log_entries, end to end (server, writer process, SQLite) -------------------------------
+
+
+async def test_max_log_entries_reaches_the_writer(settings: Settings) -> None:
+    """With the limit set, an update older than the log's cut is applied on top and counted
+    beyond the window, through the app and its writer process (the default)."""
+    app = PeoplebaseApp(settings.replace(max_log_entries=4))
+    assert app.write_process is not None
+    app.startup()
+    client = AppClient(app)
+    try:
+        t0 = time.time() - 3600
+        for i in range(8):
+            await send(client, rec("c", **{"$time": t0 + i, "$set": {"v": i}}))
+        assert profile(client, "c") == {"v": 7, "$last_seen": last_seen(t0 + 7)}
+        # older than the cut (inside the 7-day window): applied on top, not put in its place
+        await send(client, rec("c", **{"$time": t0 + 0.5, "$set": {"v": "old"}}))
+        assert profile(client, "c") == {"v": "old", "$last_seen": last_seen(t0 + 7)}
+        assert counted(client, "beyond window") == 1
+    finally:
+        await client.http.aclose()
+        app.shutdown()
