@@ -137,9 +137,9 @@ class MergeBackend(Protocol):
 
     def load_log(self, key: Key) -> list[LogEntry]: ...
 
-    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
-        """Whether the profile's stored log holds an entry with this dedup key and a time of
-        at least not_before (a retry check that makes no updates of the stored entries)."""
+    def has_retry_key(self, key: Key, dedup: int) -> bool:
+        """Whether the profile's stored log holds an entry with this dedup key (a retry check
+        that makes no updates of the stored entries)."""
         ...
 
     def delete_log(self, key: Key, before: float) -> None:
@@ -460,11 +460,11 @@ class Merger:
         if prof.log is not None:
             entries: Iterable[LogEntry] = prof.log
         else:
-            # the stored log is only asked, not decoded: an update that turns out older than
-            # the window or the log's cut is then applied without reading the log at all
-            if prof.row.log_min is not None and backend.has_retry_key(
-                prof.key, dedup, prof.purge_before if prof.purge_before is not None else NEVER
-            ):
+            # the stored log is only asked: an update that turns out older than the window or
+            # the log's cut is then applied without making updates of the log. (A $delete of
+            # this group loads the log first, so nothing of the stored log is purged yet.)
+            assert prof.purge_before is None
+            if prof.row.log_min is not None and backend.has_retry_key(prof.key, dedup):
                 return True
             entries = prof.new
         return any(e.dedup == dedup and e.request != r for e in entries)
@@ -587,8 +587,8 @@ class MemoryBackend:
             for t, s, body, d in sorted(self.logs.get(key, []), key=lambda e: (e[0], e[1]))
         ]
 
-    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
-        return any(e[3] == dedup and e[0] >= not_before for e in self.logs.get(key, []))
+    def has_retry_key(self, key: Key, dedup: int) -> bool:
+        return any(e[3] == dedup for e in self.logs.get(key, []))
 
     def delete_log(self, key: Key, before: float) -> None:
         entries = self.logs.get(key, [])

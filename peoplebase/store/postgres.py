@@ -86,8 +86,7 @@ LOAD_LOG = (
     "ORDER BY time, seq"
 )
 FIND_RETRY_KEY = (
-    "SELECT 1 FROM updates WHERE project_id = %s AND distinct_id = %s AND dedup = %s "
-    "AND time >= %s LIMIT 1"
+    "SELECT 1 FROM updates WHERE project_id = %s AND distinct_id = %s AND dedup = %s LIMIT 1"
 )
 DELETE_LOG_BEFORE = "DELETE FROM updates WHERE project_id = %s AND distinct_id = %s AND time < %s"
 INSERT_LOG = (
@@ -230,10 +229,8 @@ class _Backend:
         rows = self.conn.execute(LOAD_LOG, key).fetchall()
         return [LogEntry(t, s, decode_update(body, t, key[1]), d) for t, s, d, body in rows]
 
-    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
-        # the merger passes the time before which a $delete of this group purges the log
-        row = self.conn.execute(FIND_RETRY_KEY, (*key, dedup, not_before)).fetchone()
-        return row is not None
+    def has_retry_key(self, key: Key, dedup: int) -> bool:
+        return self.conn.execute(FIND_RETRY_KEY, (*key, dedup)).fetchone() is not None
 
     def delete_log(self, key: Key, before: float) -> None:
         self.pending.append((DELETE_LOG_BEFORE, (*key, before)))

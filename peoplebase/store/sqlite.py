@@ -219,8 +219,8 @@ class _Backend:
             for t, s, received, d, body in self._stored(key)
         ]
 
-    def has_retry_key(self, key: Key, dedup: int, not_before: float) -> bool:
-        return any(e[3] == dedup and e[0] >= not_before for e in self._stored(key))
+    def has_retry_key(self, key: Key, dedup: int) -> bool:
+        return any(e[3] == dedup for e in self._stored(key))
 
     def delete_log(self, key: Key, before: float) -> None:
         self._raw[key] = [e for e in self._stored(key) if e[0] >= before]
