@@ -25,6 +25,7 @@ import orjson
 
 from peoplebase.records import Validator
 from peoplebase.settings import Settings
+from peoplebase.store.rowcache import DEFAULT_LOG_CACHE
 from peoplebase.store.sqlite import SqliteStore
 from peoplebase.types import Rejection, Update
 
@@ -72,10 +73,15 @@ def validated(body: bytes, validator: Validator, now: float) -> list[Update]:
 
 
 def storage_floor(
-    db: str, bodies: list[bytes], group: int, warmup_bodies: int = 0, synchronous: str = "full"
+    db: str,
+    bodies: list[bytes],
+    group: int,
+    warmup_bodies: int = 0,
+    synchronous: str = "full",
+    log_cache: int = DEFAULT_LOG_CACHE,
 ) -> dict[str, Any]:
     """Apply every body, in groups of about `group` records; the first bodies are not timed."""
-    store = SqliteStore(db, synchronous=synchronous)
+    store = SqliteStore(db, synchronous=synchronous, log_cache=log_cache)
     store.open()
     store.sync_property_indexes()  # as `peoplebase serve` does at start: the same indexes
     validator = Validator()
@@ -129,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--warmup-bodies", type=int, default=0)
     s.add_argument("--limit-bodies", type=int, default=0, help="use only the first N bodies")
     s.add_argument("--synchronous", default="full", choices=("full", "normal"))
+    s.add_argument(
+        "--log-cache",
+        type=int,
+        default=DEFAULT_LOG_CACHE,
+        help="decoded log entries the writer keeps",
+    )
     args = p.parse_args(argv)
     if args.floor == "http":
         serve_http_floor(args.port, args.host)
@@ -137,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         bodies = [line.rstrip(b"\n") for line in f if line.strip()]
     if args.limit_bodies:
         bodies = bodies[: args.limit_bodies]
-    result = storage_floor(args.db, bodies, args.group, args.warmup_bodies, args.synchronous)
+    result = storage_floor(
+        args.db, bodies, args.group, args.warmup_bodies, args.synchronous, args.log_cache
+    )
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from peoplebase.records import Validator
+from peoplebase.store.rowcache import DEFAULT_LOG_CACHE
 from peoplebase.store.sqlite import SqliteStore
 from peoplebase.types import Rejection, Update
 
@@ -43,11 +44,13 @@ def updates(raws: list[dict[str, Any]], now: float) -> list[Update]:
     return out
 
 
-def one_length(n: int, limit: int, late: int, workdir: Path) -> dict[str, Any]:
+def one_length(
+    n: int, limit: int, late: int, workdir: Path, log_cache: int = DEFAULT_LOG_CACHE
+) -> dict[str, Any]:
     db = workdir / f"late-{n}-{limit}.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    store = SqliteStore(str(db), max_log_entries=limit)
+    store = SqliteStore(str(db), max_log_entries=limit, log_cache=log_cache)
     store.open()
     work = Workload(WorkloadSpec(profiles=1, late_fraction=0.0, seed=7), start_time=T0)
     now = T0 + n / RATE + 86400
@@ -88,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=10_000, help="max_log_entries to compare with 0")
     p.add_argument("--late", type=int, default=9, help="late updates measured per case")
     p.add_argument("--workdir", default="", help="keep the databases here")
+    p.add_argument(
+        "--log-cache",
+        type=int,
+        default=DEFAULT_LOG_CACHE,
+        help="decoded log entries the writer keeps",
+    )
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|")
         for n in lengths:
             for limit in (args.limit, 0):
-                r = one_length(n, limit, args.late, workdir)
+                r = one_length(n, limit, args.late, workdir, args.log_cache)
                 print(
                     f"| {n:,} | {limit or 'off'} | {r['late_10s_ms']:.1f} | "
                     f"{r['late_1h_ms']:.1f} | {r['late_1h_beyond']}/{args.late} | "

@@ -80,6 +80,7 @@ class PeoplebaseApp:
             "max_log_entries": settings.max_log_entries,
             "max_properties": settings.max_properties,
             "open_tokens": settings.tokens_open,
+            "log_cache": settings.log_cache,
         }
         self.store = store or open_store(settings.db, **store_kwargs)
         # With `--writer process` the merge and the commits run in a child process.

@@ -118,6 +118,8 @@ def serve(**options: Any) -> None:
     settings = Settings(**options)
     if settings.max_log_entries < 0:
         raise click.BadParameter("must be 0 (no limit) or more", param_hint="--max-log-entries")
+    if settings.log_cache < 0:
+        raise click.BadParameter("must be 0 (off) or more", param_hint="--log-cache")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

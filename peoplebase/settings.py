@@ -67,6 +67,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Bounds the work one late update causes on a very busy profile.",
     ),
     Setting(
+        "log_cache",
+        100_000,
+        "SQLite: decoded update-log entries the writer keeps in memory between group commits, "
+        "for the busiest profiles whose long logs late updates made it read (0: off), so the "
+        "next late update of such a profile reads and decodes nothing. Another process's commit "
+        "to the file clears it. Not used with PostgreSQL.",
+    ),
+    Setting(
         "time_skew", 60.0, "Seconds a $time may lie in the future before it is clamped to now."
     ),
     Setting("max_records", 2000, "Records per ingestion request; more is rejected with 400."),
@@ -182,6 +190,7 @@ class Settings:
     synchronous: str = "full"
     reorder_window: float = 7 * 86400.0
     max_log_entries: int = 0
+    log_cache: int = 100_000
     time_skew: float = 60.0
     max_records: int = 2000
     max_body_bytes: int = 10 * 1024 * 1024

@@ -276,6 +276,8 @@ def test_bad_setting_value_is_refused() -> None:
     assert r.exit_code == 2 and "'many'" in r.stderr
     r = CliRunner().invoke(main, ["serve", "--max-log-entries", "-1"], env={})
     assert r.exit_code == 2 and "--max-log-entries" in r.stderr and "0 (no limit)" in r.stderr
+    r = CliRunner().invoke(main, ["serve", "--log-cache", "-5"], env={})
+    assert r.exit_code == 2 and "--log-cache" in r.stderr and "0 (off)" in r.stderr
 
 
 # --- serving: bare `peoplebase`, env vars, token modes --------------------------------------

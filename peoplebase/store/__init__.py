@@ -19,5 +19,7 @@ def open_store(db: str, **kwargs: object) -> ProfileStore:
     if is_postgres_url(db):
         from .postgres import PostgresStore
 
+        # several nodes may write one database: each merge reads the rows it changes
+        kwargs.pop("log_cache", None)
         return PostgresStore(db, **kwargs)  # type: ignore[arg-type]
     return SqliteStore(db, **kwargs)  # type: ignore[arg-type]

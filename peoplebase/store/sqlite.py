@@ -48,6 +48,7 @@ from .base import (
     outcome_counts,
     secret_matches,
 )
+from .rowcache import DEFAULT_LOG_CACHE, Cached, RawEntry, RowCache
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ def _dumps(value: Any) -> str:
 TAIL_MAX_ENTRIES = 16
 TAIL_MAX_BYTES = 2048
 
-RawEntry = list[Any]  # [time, seq, received, dedup, body] as the log stores it
+
+def raw_entries(entries: Sequence[LogEntry]) -> list[RawEntry]:
+    """Log entries in the form the tail and the chunks hold (a JSON array of these)."""
+    return [(e.time, e.seq, e.received_at(), e.dedup, e.stored_body()) for e in entries]
 
 
 def encode_entries(entries: Sequence[LogEntry]) -> bytes:
-    """The JSON array the tail and the chunks hold."""
-    return orjson.dumps(
-        [[e.time, e.seq, e.received_at(), e.dedup, e.stored_body()] for e in entries]
-    )
+    return orjson.dumps(raw_entries(entries))
 
 
 def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -> list[RawEntry]:
@@ -108,10 +109,10 @@ def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -
         for (blob,) in conn.execute(
             "SELECT entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?", key
         ):
-            raw.extend(loads(blob))
+            raw.extend(map(tuple, loads(blob)))
     if tail is not None:
-        raw.extend(loads(tail))
-    raw.sort(key=lambda e: (e[0], e[1]))
+        raw.extend(map(tuple, loads(tail)))
+    raw.sort(key=_entry_order)
     return raw
 
 
@@ -130,6 +131,9 @@ class _Backend:
         self._raw: dict[Key, list[RawEntry]] = {}  # stored logs read in this group
         self._rewrite: set[Key] = set()  # stored logs to write back whole
         self._new: dict[Key, list[LogEntry]] = {}
+        self._rows = store.row_cache
+        self._loaded: dict[Key, ProfileRow] = {}
+        self._saved: dict[Key, tuple[ProfileRow, list[RawEntry] | None]] = {}
 
     def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -168,8 +172,15 @@ class _Backend:
         cur = self.conn.cursor()
         loads = orjson.loads
         by_project: dict[int, list[str]] = {}
-        for pid, did in keys:
-            by_project.setdefault(pid, []).append(did)
+        take = self._rows.take
+        for key in keys:
+            cached = take(key)
+            if cached is None:
+                by_project.setdefault(key[0], []).append(key[1])
+                continue
+            out[key] = cached.row
+            tails[key] = (cached.tail, cached.tail_n, cached.chunks)
+            self._raw[key] = cached.log
         for pid, dids in by_project.items():
             # one statement per chunk of ids rather than one per profile
             for start in range(0, len(dids), _LOAD_CHUNK):
@@ -203,6 +214,7 @@ class _Backend:
                         log_floor,
                     )
                     tails[key] = (tail, n, chunks)
+        self._loaded = out
         return out
 
     def _stored(self, key: Key) -> list[RawEntry]:
@@ -240,19 +252,20 @@ class _Backend:
         for key, row in rows:
             tail, n, chunks = loaded.get(key, (None, 0, 0))
             new = self._new.pop(key, None)
+            added = raw_entries(new) if new else None
             if key in self._rewrite:
                 if chunks:
                     cleared.append(key)
                     chunks = 0
-                entries = self._raw[key]
+                entries = sorted(self._raw[key], key=_entry_order)
                 tail = orjson.dumps(entries) if entries else None
                 n = len(entries)
-                if new:
-                    tail = _append(tail, encode_entries(new))
-                    n += len(new)
-            elif new:
-                tail = _append(tail, encode_entries(new))
-                n += len(new)
+                if added:
+                    tail = _append(tail, orjson.dumps(added))
+                    n += len(added)
+            elif added:
+                tail = _append(tail, orjson.dumps(added))
+                n += len(added)
             changed = new or key in self._rewrite
             if (
                 changed
@@ -263,7 +276,9 @@ class _Backend:
                 newest = new[-1].seq if new else max(e[1] for e in self._raw[key])
                 spilled.append((key[0], key[1], newest, tail))
                 tail, n, chunks = None, 0, chunks + 1
-            (updates if key in loaded else inserts).append(
+            self._saved[key] = (row, added)
+            loaded[key] = (tail, n, chunks)
+            (updates if key in self._loaded else inserts).append(
                 (
                     _dumps(row.props) if row.props is not None else None,
                     row.last_time,
@@ -307,6 +322,32 @@ class _Backend:
                 updates,
             )
 
+    def remember(self) -> None:
+        """After COMMIT: keep the committed state of this group's busy profiles for the next."""
+        cache = self._rows
+        if not cache.budget:
+            return
+        tails = self._tails
+        for key, log in self._raw.items():
+            saved = self._saved.get(key)
+            if saved is None:
+                found = self._loaded.get(key)
+                if found is None or key in self._rewrite:  # (a purged log is always saved)
+                    continue
+                row = found
+            else:
+                row, added = saved
+                row.dirty = False
+                if added:
+                    log.extend(added)  # in no particular order: every reader sorts
+            if cache.wants(len(log)):
+                tail, n, chunks = tails[key]
+                cache.put(key, Cached(row, tail, n, chunks, log))
+
+
+def _entry_order(entry: RawEntry) -> tuple[float, int]:
+    return (entry[0], entry[1])
+
 
 def _append(tail: bytes | None, new: bytes) -> bytes:
     """Join two JSON arrays without parsing them."""
@@ -329,6 +370,7 @@ class SqliteStore:
         open_tokens: bool = True,
         max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES,
         indexed_properties: tuple[str, ...] = ("$email", "$name"),
+        log_cache: int = DEFAULT_LOG_CACHE,
     ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
@@ -340,6 +382,8 @@ class SqliteStore:
         self._pending_ids: dict[str, int] = {}
         self._write_lock = threading.Lock()
         self._next_optimize = 0.0
+        # busy profiles' committed rows and decoded logs, kept between groups (rowcache.py)
+        self.row_cache = RowCache(log_cache)
         # Set by the server with `--writer process`: query-session writes go to the process
         # that holds the write connection instead of competing with it for the file's lock.
         self.session_writer: Callable[[str, Sequence[tuple[Any, ...]]], None] | None = None
@@ -414,6 +458,7 @@ class SqliteStore:
     def migrate(self) -> int:
         conn = self._writer()
         with self._write_lock:
+            self.row_cache.clear()
             current = _one(conn, "PRAGMA user_version")
             applied = current
             for version, sql in migrations():
@@ -427,6 +472,7 @@ class SqliteStore:
             return applied
 
     def _drop_writer(self) -> None:
+        self.row_cache.clear()
         conn, self._write_conn = self._write_conn, None
         if conn is not None:
             try:
@@ -459,13 +505,19 @@ class SqliteStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    results = self.merger.apply(_Backend(self, conn), requests)
+                    # another connection committed since the last group: cached rows may be old
+                    self.row_cache.check(_one(conn, "PRAGMA data_version"))
+                    backend = _Backend(self, conn)
+                    results = self.merger.apply(backend, requests)
                     self.add_stats(conn, outcome_counts(requests, results, counts), time.time())
                     conn.execute("COMMIT")
                 except BaseException:
+                    # the merge changed rows taken from the cache that are now rolled back
+                    self.row_cache.clear()
                     if not conn.getautocommit():
                         conn.execute("ROLLBACK")
                     raise
+                backend.remember()
             except _UNAVAILABLE as exc:
                 # Reopen on the next commit: a connection that fell back to read-only, or
                 # whose file went bad, would otherwise keep failing after the fault is fixed.
