@@ -12,10 +12,12 @@ closes the pipe, after finishing the group in hand, so a Ctrl-C never cuts a com
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -26,6 +28,8 @@ from .types import Applied, Update
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
+# Seconds between the writer's full garbage collections (class Collector).
+FULL_COLLECT_EVERY = 600.0
 
 
 def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
@@ -41,6 +45,7 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
         conn.send(("unavailable", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
+    collector = Collector()
     try:
         while True:
             try:
@@ -56,6 +61,7 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
                     conn.send(("ok", None))
                     continue
                 conn.send(("ok", store.write_group(first, second)))
+                collector.after_group()
             except StoreUnavailable as exc:
                 conn.send(("unavailable", str(exc)))
             except Exception as exc:
@@ -64,6 +70,30 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
         pass  # the server is gone: whatever was committed stays committed
     finally:
         store.close()
+
+
+class Collector:
+    """Garbage collection in the writer process, by its own schedule.
+
+    Almost everything the writer keeps between groups lives long (the log cache, the merger's
+    state, the modules), and the interpreter's full collections walk all of it: with the log
+    cache full they took a third of the writer's time in the soak, and a tenth without it.
+    After each group the survivors are frozen (`gc.freeze`: never walked again, still freed
+    by reference counting when dropped); a full collection over everything, which also frees
+    reference cycles that were frozen along, runs every `full_every` seconds.
+    """
+
+    def __init__(self, full_every: float = FULL_COLLECT_EVERY) -> None:
+        self.full_every = full_every
+        self._next_full = time.monotonic() + full_every
+
+    def after_group(self) -> None:
+        if time.monotonic() >= self._next_full:
+            gc.unfreeze()
+            found = gc.collect()
+            log.debug("writer: full garbage collection freed %d objects", found)
+            self._next_full = time.monotonic() + self.full_every
+        gc.freeze()
 
 
 class ProcessWriteStore:

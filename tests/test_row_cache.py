@@ -20,9 +20,9 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from peoplebase.merge import ProfileRow
+from peoplebase.merge import LogEntry, ProfileRow
 from peoplebase.store import SqliteStore, StoreUnavailable
-from peoplebase.store.rowcache import LOG_CACHE_MIN, Cached, RowCache
+from peoplebase.store.rowcache import Cached, RowCache
 from tests.test_merge import (
     TOKEN,
     Groups,
@@ -186,7 +186,7 @@ def test_window_compaction_agrees(tmp_path: Path) -> None:
 
 
 def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
-    store = open_sqlite(tmp_path / "p.db", min_log=LOG_CACHE_MIN)
+    store = open_sqlite(tmp_path / "p.db", min_log=100)
     try:
         store.write_group(to_updates([[rec(t, set={"p": t}) for t in range(10, 110)]]))
         assert len(store.row_cache) == 0  # nothing read the log yet: nothing kept
@@ -201,12 +201,40 @@ def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
         assert project is not None
         ((_, props),) = store.get_profiles(project.id, ["a"])
         assert props == {"p": 109, "q": 2, "l": ["x"], "$last_seen": props["$last_seen"]}
-        # a short log is not kept
-        store.write_group(to_updates([[rec(t, did="b", set={"p": t}) for t in range(10, 20)]]))
+        # a log shorter than min_log is not kept
+        store.write_group(to_updates([[rec(t, did="b", set={"p": t}) for t in range(10, 98)]]))
         store.write_group(to_updates([[rec(5, did="b", set={"p": "late"})]]))
         assert len(store.row_cache) == 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        # the retry keys of a cached log are built at the second group's retry check; the
+        # third group's record joins them, and its resend in the fourth is recognised
+        [[[rec(5, add={"n": 1})]], [[rec(3, add={"n": 10})]], [[rec(4, add={"n": 100})]]]
+        + [[[rec(4, add={"n": 100})]]],
+        # a cached entry came from request 0 of its group; a resend in request 0 of a later
+        # group, after a late update there loaded the log, is still a resend
+        [[[rec(5, add={"n": 1})]], [[rec(3, add={"n": 10})]]]
+        + [[[rec(1, add={"n": 1000}), rec(3, add={"n": 10})]]],
+    ],
+    ids=["keys-of-new-entries", "request-of-earlier-group"],
+)
+def test_retries_of_cached_entries(tmp_path: Path, groups: Groups) -> None:
+    plain = open_sqlite(tmp_path / "plain.db", log_cache=0)
+    cached = open_sqlite(tmp_path / "cached.db")
+    try:
+        outcomes = run(plain, groups)
+        assert outcomes[-1][0] == 1  # the resend is dropped
+        assert run(cached, groups) == outcomes
+        assert cached.row_cache.hits >= 1
+        assert table_rows(cached, TOKEN) == table_rows(plain, TOKEN)
+    finally:
+        plain.close()
+        cached.close()
 
 
 # --- never a state the file does not hold ----------------------------------------------------
@@ -282,7 +310,7 @@ def test_negative_size_is_refused(tmp_path: Path) -> None:
 
 
 def entry(log: int) -> Cached:
-    return Cached(ProfileRow(), None, 0, 0, [(0.0, i, 0.0, None, {}) for i in range(log)])
+    return Cached(ProfileRow(), None, 0, 0, [LogEntry(0.0, i, None, body={}) for i in range(log)])
 
 
 def test_least_recently_used_go_first() -> None:

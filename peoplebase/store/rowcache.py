@@ -7,9 +7,10 @@ each time was most of what a late update cost on a log of thousands of entries. 
 keeps, for the profiles whose long log a group had to read, the committed row and that log
 decoded, so the next group takes both from memory.
 
-Only logs of at least `LOG_CACHE_MIN` entries are kept: a short log costs little to read, and
-every cached object makes the interpreter's full garbage collections longer (caching every
-written row was measured slower than reading it again, BENCHMARKS.md).
+Only logs of at least `LOG_CACHE_MIN` entries are kept: a short log costs little to read.
+Caching every written row was measured slower than reading it again (BENCHMARKS.md): every
+cached object made the interpreter's full garbage collections longer, which is also why the
+writer process freezes what survives each group (writeproc.Collector).
 
 The cache holds committed state only. A group takes a profile's entry out when it loads the
 profile and puts the new state back after its COMMIT, so a failed group leaves nothing of
@@ -23,16 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..merge import TOUCHED_REPLAY_MIN, Key, ProfileRow
+from ..merge import Key, LogEntry, ProfileRow
 
 # (time, seq, received, dedup, body) as the log stores it (a JSON array). A tuple rather than
 # the list JSON decoding gives: the garbage collector stops tracking tuples of plain values.
 RawEntry = tuple[Any, ...]
 
 DEFAULT_LOG_CACHE = 100_000  # decoded log entries, all profiles together
-# Shorter logs are not kept; from this length on a late update replays only what it touches,
-# so reading and decoding the log is most of its cost.
-LOG_CACHE_MIN = TOUCHED_REPLAY_MIN
+# Shorter logs are not kept: they cost a few milliseconds to read and decode, and keeping the
+# many logs of a few hundred entries a skewed workload has made the cache evict and re-read all
+# the time (the soak was 5% slower with logs from 64 entries on; BENCHMARKS.md).
+LOG_CACHE_MIN = 1_000
 
 
 @dataclass(slots=True)
@@ -41,7 +43,8 @@ class Cached:
     tail: bytes | None  # the row's `tail` column
     tail_n: int
     chunks: int
-    log: list[RawEntry]  # the whole stored log, decoded, in no particular order
+    log: list[LogEntry]  # the whole stored log, decoded, in no particular order
+    keys: set[int] | None = None  # its retry keys, once a possible retry asked for them
 
 
 class RowCache:
@@ -55,7 +58,8 @@ class RowCache:
         self._entries: dict[Key, Cached] = {}
         self._held = 0  # decoded log entries held
         self.version: int | None = None  # PRAGMA data_version the entries belong to
-        self.hits = 0
+        self.hits = 0  # logs taken from the cache
+        self.reads = 0  # logs read from the file instead
 
     def __len__(self) -> int:
         return len(self._entries)

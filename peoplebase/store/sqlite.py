@@ -128,12 +128,14 @@ class _Backend:
         self.store = store
         self.conn = conn
         self._tails: dict[Key, tuple[bytes | None, int, int]] = {}  # tail, tail_n, chunks
-        self._raw: dict[Key, list[RawEntry]] = {}  # stored logs read in this group
+        # stored logs read (or taken from the cache) in this group, in no particular order
+        self._logs: dict[Key, list[LogEntry]] = {}
+        self._keys: dict[Key, set[int]] = {}  # the retry keys of some of them
         self._rewrite: set[Key] = set()  # stored logs to write back whole
         self._new: dict[Key, list[LogEntry]] = {}
         self._rows = store.row_cache
         self._loaded: dict[Key, ProfileRow] = {}
-        self._saved: dict[Key, tuple[ProfileRow, list[RawEntry] | None]] = {}
+        self._saved: dict[Key, tuple[ProfileRow, list[LogEntry] | None]] = {}
 
     def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -180,7 +182,9 @@ class _Backend:
                 continue
             out[key] = cached.row
             tails[key] = (cached.tail, cached.tail_n, cached.chunks)
-            self._raw[key] = cached.log
+            self._logs[key] = cached.log
+            if cached.keys is not None:
+                self._keys[key] = cached.keys
         for pid, dids in by_project.items():
             # one statement per chunk of ids rather than one per profile
             for start in range(0, len(dids), _LOAD_CHUNK):
@@ -217,25 +221,27 @@ class _Backend:
         self._loaded = out
         return out
 
-    def _stored(self, key: Key) -> list[RawEntry]:
-        raw = self._raw.get(key)
-        if raw is None:
-            tail, _, chunks = self._tails.get(key, (None, 0, 0))
-            raw = self._raw[key] = read_log(self.conn, key, tail, chunks)
-        return raw
-
     def load_log(self, key: Key) -> list[LogEntry]:
-        did = key[1]
-        return [
-            LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
-            for t, s, received, d, body in self._stored(key)
-        ]
+        log = self._logs.get(key)
+        if log is None:
+            tail, _, chunks = self._tails.get(key, (None, 0, 0))
+            did = key[1]
+            log = self._logs[key] = [
+                LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
+                for t, s, received, d, body in read_log(self.conn, key, tail, chunks)
+            ]
+            self._rows.reads += 1
+        return log
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
-        return any(e[3] == dedup for e in self._stored(key))
+        keys = self._keys.get(key)
+        if keys is None:
+            keys = self._keys[key] = {e.dedup for e in self.load_log(key) if e.dedup is not None}
+        return dedup in keys
 
     def delete_log(self, key: Key, before: float) -> None:
-        self._raw[key] = [e for e in self._stored(key) if e[0] >= before]
+        self._logs[key] = [e for e in self.load_log(key) if e.time >= before]
+        self._keys.pop(key, None)
         self._rewrite.add(key)
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
@@ -257,8 +263,8 @@ class _Backend:
                 if chunks:
                     cleared.append(key)
                     chunks = 0
-                entries = sorted(self._raw[key], key=_entry_order)
-                tail = orjson.dumps(entries) if entries else None
+                entries = sorted(self._logs[key], key=_log_order)
+                tail = orjson.dumps(raw_entries(entries)) if entries else None
                 n = len(entries)
                 if added:
                     tail = _append(tail, orjson.dumps(added))
@@ -273,10 +279,10 @@ class _Backend:
                 and (n > TAIL_MAX_ENTRIES or len(tail) > TAIL_MAX_BYTES)
             ):
                 # seqs only grow: the newest entry's seq names the chunk uniquely
-                newest = new[-1].seq if new else max(e[1] for e in self._raw[key])
+                newest = new[-1].seq if new else max(e.seq for e in self._logs[key])
                 spilled.append((key[0], key[1], newest, tail))
                 tail, n, chunks = None, 0, chunks + 1
-            self._saved[key] = (row, added)
+            self._saved[key] = (row, new)
             loaded[key] = (tail, n, chunks)
             (updates if key in self._loaded else inserts).append(
                 (
@@ -328,7 +334,8 @@ class _Backend:
         if not cache.budget:
             return
         tails = self._tails
-        for key, log in self._raw.items():
+        for key, log in self._logs.items():
+            keys = self._keys.get(key)
             saved = self._saved.get(key)
             if saved is None:
                 found = self._loaded.get(key)
@@ -336,17 +343,26 @@ class _Backend:
                     continue
                 row = found
             else:
-                row, added = saved
+                row, new = saved
                 row.dirty = False
-                if added:
-                    log.extend(added)  # in no particular order: every reader sorts
+                if new:
+                    for entry in new:  # from now on, entries of an earlier group
+                        entry.request = -1
+                        entry.distinct_id = key[1]
+                        if keys is not None and entry.dedup is not None:
+                            keys.add(entry.dedup)
+                    log.extend(new)  # in no particular order: every reader sorts
             if cache.wants(len(log)):
                 tail, n, chunks = tails[key]
-                cache.put(key, Cached(row, tail, n, chunks, log))
+                cache.put(key, Cached(row, tail, n, chunks, log, keys))
 
 
 def _entry_order(entry: RawEntry) -> tuple[float, int]:
     return (entry[0], entry[1])
+
+
+def _log_order(entry: LogEntry) -> tuple[float, int]:
+    return (entry.time, entry.seq)
 
 
 def _append(tail: bytes | None, new: bytes) -> bytes:
@@ -481,6 +497,16 @@ class SqliteStore:
                 log.warning("closing the write connection after a storage fault: %s", exc)
 
     def close(self) -> None:
+        cache = self.row_cache
+        if cache.hits:
+            log.info(
+                "log cache: %d logs taken from memory, %d read from the file; %d entries of "
+                "%d profiles held",
+                cache.hits,
+                cache.reads,
+                cache.log_entries,
+                len(cache),
+            )
         if self._write_conn is not None:
             self._write_conn.close()
             self._write_conn = None
