@@ -70,9 +70,10 @@ SETTINGS: tuple[Setting, ...] = (
         "log_cache",
         100_000,
         "SQLite: decoded update-log entries the writer keeps in memory between group commits "
-        "(0: off): the logs of 1,000 entries or more that late updates made it read, so the "
-        "next late update of such a busy profile reads and decodes nothing. Another process's "
-        "commit to the file clears it. Not used with PostgreSQL.",
+        "(0: off): the logs of 1,000 entries or more it had to read (late updates, possible "
+        "retries, deletes), so the next late update of such a busy profile reads and parses "
+        "nothing from the file. One log is kept only if it fits in a quarter of this. Any other "
+        "connection's commit to the file clears it. Not used with PostgreSQL.",
     ),
     Setting(
         "time_skew", 60.0, "Seconds a $time may lie in the future before it is clamped to now."

@@ -80,7 +80,8 @@ class Collector:
     cache full they took a third of the writer's time in the soak, and a tenth without it.
     After each group the survivors are frozen (`gc.freeze`: never walked again, still freed
     by reference counting when dropped); a full collection over everything, which also frees
-    reference cycles that were frozen along, runs every `full_every` seconds.
+    reference cycles that were frozen along, runs after the first group once `full_every`
+    seconds have passed since the last one.
     """
 
     def __init__(self, full_every: float = FULL_COLLECT_EVERY) -> None:
