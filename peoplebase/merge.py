@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ DEFAULT_MAX_LOG_ENTRIES = 0
 # From this many log entries a late update replays only the properties it touches (see
 # refold_touched); below it the whole fold costs less than finding out what to leave out.
 TOUCHED_REPLAY_MIN = 64
+# ($time, arrival): the order a profile's log is replayed in
+LOG_ORDER = operator.attrgetter("time", "seq")
 
 
 @dataclass(slots=True)
@@ -63,6 +66,19 @@ class LogEntry:
     body: dict[str, Any] | None = None  # the stored form (update_body)
     distinct_id: str = ""
     received: float = 0.0
+    # what replays read of every entry, as plain attributes (read many times per entry)
+    ops: dict[str, Any] = field(init=False)
+    ignore_time: bool = field(init=False)
+    geo: Props | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        decoded = self.decoded
+        if decoded is not None:
+            self.ops, self.ignore_time, self.geo = decoded.ops, decoded.ignore_time, decoded.geo
+        else:
+            body = self.body
+            assert body is not None
+            self.ops, self.ignore_time, self.geo = body["o"], bool(body.get("i")), body.get("g")
 
     @property
     def update(self) -> Update:
@@ -70,20 +86,6 @@ class LogEntry:
             assert self.body is not None
             self.decoded = update_from_body(self.body, self.time, self.distinct_id, self.received)
         return self.decoded
-
-    @property
-    def ops(self) -> dict[str, Any]:
-        return self.decoded.ops if self.decoded is not None else self.body["o"]  # type: ignore[index]
-
-    @property
-    def ignore_time(self) -> bool:
-        if self.decoded is not None:
-            return self.decoded.ignore_time
-        return bool(self.body.get("i"))  # type: ignore[union-attr]
-
-    @property
-    def geo(self) -> Props | None:
-        return self.decoded.geo if self.decoded is not None else self.body.get("g")  # type: ignore[union-attr]
 
     def stored_body(self) -> dict[str, Any]:
         return self.body if self.decoded is None else update_body(self.decoded)  # type: ignore[return-value]
@@ -162,7 +164,7 @@ def fold(
     `watch` maps the seqs of entries whose skipped keys are wanted to the lists to fill.
     """
     props = dict(base) if base is not None else None
-    for entry in sorted(entries, key=lambda e: (e.time, e.seq)):
+    for entry in sorted(entries, key=LOG_ORDER):
         entry.update.time = entry.time
         props = apply_update(
             props,
@@ -195,7 +197,7 @@ def refold_touched(
     risky: set[str] = set()  # properties a changed entry may skip: their skips are reported
     last_seen = False
     everything = set(base) if base is not None else set()
-    ordered = sorted(entries, key=lambda e: (e.time, e.seq))
+    ordered = sorted(entries, key=LOG_ORDER)
     exists = base is not None
     for entry in ordered:
         ops = entry.ops

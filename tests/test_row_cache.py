@@ -310,7 +310,9 @@ def test_negative_size_is_refused(tmp_path: Path) -> None:
 
 
 def entry(log: int) -> Cached:
-    return Cached(ProfileRow(), None, 0, 0, [LogEntry(0.0, i, None, body={}) for i in range(log)])
+    return Cached(
+        ProfileRow(), None, 0, 0, [LogEntry(0.0, i, None, body={"o": {}}) for i in range(log)]
+    )
 
 
 def test_least_recently_used_go_first() -> None:

@@ -23,6 +23,7 @@ import orjson
 
 from ..merge import (
     DEFAULT_MAX_LOG_ENTRIES,
+    LOG_ORDER,
     Key,
     LogEntry,
     Merger,
@@ -263,7 +264,7 @@ class _Backend:
                 if chunks:
                     cleared.append(key)
                     chunks = 0
-                entries = sorted(self._logs[key], key=_log_order)
+                entries = sorted(self._logs[key], key=LOG_ORDER)
                 tail = orjson.dumps(raw_entries(entries)) if entries else None
                 n = len(entries)
                 if added:
@@ -359,10 +360,6 @@ class _Backend:
 
 def _entry_order(entry: RawEntry) -> tuple[float, int]:
     return (entry[0], entry[1])
-
-
-def _log_order(entry: LogEntry) -> tuple[float, int]:
-    return (entry.time, entry.seq)
 
 
 def _append(tail: bytes | None, new: bytes) -> bytes:
