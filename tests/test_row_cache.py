@@ -145,44 +145,34 @@ def test_long_logs_agree(pair: tuple[SqliteStore, SqliteStore, SqliteStore]) -> 
     assert max(spilled) > 0  # the scenarios did reach the chunks
 
 
-@pytest.mark.parametrize("limit", [3, 20])
-def test_cut_logs_agree(tmp_path: Path, limit: int) -> None:
+def agree_on_random_groups(tmp_path: Path, max_size: int, **settings: Any) -> None:
+    """Stores without, with and with a tiny cache agree on random arrivals, under `settings`."""
     stores = (
-        open_sqlite(tmp_path / "plain.db", log_cache=0, max_log_entries=limit),
-        open_sqlite(tmp_path / "cached.db", max_log_entries=limit),
-        open_sqlite(tmp_path / "tiny.db", log_cache=12, max_log_entries=limit),
+        open_sqlite(tmp_path / "plain.db", log_cache=0, **settings),
+        open_sqlite(tmp_path / "cached.db", **settings),
+        open_sqlite(tmp_path / "tiny.db", log_cache=12, **settings),
     )
     try:
 
         @hypothesis_settings(max_examples=40, deadline=None)
         @given(st.data())
         def check(data: st.DataObject) -> None:
-            recs = data.draw(records(st.integers(0, 60), max_size=40))
+            recs = data.draw(records(st.integers(0, 60), max_size=max_size))
             same_rows(stores, data.draw(arrivals(recs)))
 
         check()
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.mark.parametrize("limit", [3, 20])
+def test_cut_logs_agree(tmp_path: Path, limit: int) -> None:
+    agree_on_random_groups(tmp_path, 40, max_log_entries=limit)
 
 
 def test_window_compaction_agrees(tmp_path: Path) -> None:
-    stores = tuple(
-        open_sqlite(tmp_path / f"{n}.db", log_cache=size, reorder_window=10.0)
-        for n, size in (("plain", 0), ("cached", 1000), ("tiny", 12))
-    )
-    try:
-
-        @hypothesis_settings(max_examples=40, deadline=None)
-        @given(st.data())
-        def check(data: st.DataObject) -> None:
-            recs = data.draw(records(st.integers(0, 60), max_size=30))
-            same_rows(stores, data.draw(arrivals(recs)))
-
-        check()
-    finally:
-        for store in stores:
-            store.close()
+    agree_on_random_groups(tmp_path, 30, reorder_window=10.0)
 
 
 def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
