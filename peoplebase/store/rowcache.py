@@ -22,13 +22,8 @@ the start of every group: the cache is cleared then.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..merge import Key, LogEntry, ProfileRow
-
-# (time, seq, received, dedup, body) as the log stores it (a JSON array). A tuple rather than
-# the list JSON decoding gives: the garbage collector stops tracking tuples of plain values.
-RawEntry = tuple[Any, ...]
 
 DEFAULT_LOG_CACHE = 100_000  # decoded log entries, all profiles together
 # Shorter logs are not kept: they cost a few milliseconds to read and decode, and keeping the

@@ -49,7 +49,7 @@ from .base import (
     outcome_counts,
     secret_matches,
 )
-from .rowcache import DEFAULT_LOG_CACHE, Cached, RawEntry, RowCache
+from .rowcache import DEFAULT_LOG_CACHE, Cached, RowCache
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,12 @@ TAIL_MAX_ENTRIES = 16
 TAIL_MAX_BYTES = 2048
 
 
+RawEntry = list[Any]  # [time, seq, received, dedup, body] as the log stores it
+
+
 def raw_entries(entries: Sequence[LogEntry]) -> list[RawEntry]:
     """Log entries in the form the tail and the chunks hold (a JSON array of these)."""
-    return [(e.time, e.seq, e.received_at(), e.dedup, e.stored_body()) for e in entries]
-
-
-def encode_entries(entries: Sequence[LogEntry]) -> bytes:
-    return orjson.dumps(raw_entries(entries))
+    return [[e.time, e.seq, e.received_at(), e.dedup, e.stored_body()] for e in entries]
 
 
 def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -> list[RawEntry]:
@@ -110,9 +109,9 @@ def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -
         for (blob,) in conn.execute(
             "SELECT entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?", key
         ):
-            raw.extend(map(tuple, loads(blob)))
+            raw.extend(loads(blob))
     if tail is not None:
-        raw.extend(map(tuple, loads(tail)))
+        raw.extend(loads(tail))
     raw.sort(key=_entry_order)
     return raw
 
@@ -122,7 +121,8 @@ class _Backend:
 
     The update log is kept in the profile row (`tail`) and in `log_chunks`: appending to it
     rewrites only the row the merge rewrites anyway; the stored log is read and rewritten
-    whole only for late records, deletes and compaction.
+    whole only for late records, deletes and compaction. Busy profiles' rows and decoded logs
+    come from the store's cache when it has them, and go back to it in `remember`.
     """
 
     def __init__(self, store: SqliteStore, conn: apsw.Connection) -> None:
@@ -134,7 +134,7 @@ class _Backend:
         self._keys: dict[Key, set[int]] = {}  # the retry keys of some of them
         self._rewrite: set[Key] = set()  # stored logs to write back whole
         self._new: dict[Key, list[LogEntry]] = {}
-        self._rows = store.row_cache
+        self._cache = store.row_cache
         self._loaded: dict[Key, ProfileRow] = {}
         self._saved: dict[Key, tuple[ProfileRow, list[LogEntry] | None]] = {}
 
@@ -175,7 +175,7 @@ class _Backend:
         cur = self.conn.cursor()
         loads = orjson.loads
         by_project: dict[int, list[str]] = {}
-        take = self._rows.take
+        take = self._cache.take
         for key in keys:
             cached = take(key)
             if cached is None:
@@ -231,7 +231,7 @@ class _Backend:
                 LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
                 for t, s, received, d, body in read_log(self.conn, key, tail, chunks)
             ]
-            self._rows.reads += 1
+            self._cache.reads += 1
         return log
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
@@ -331,7 +331,7 @@ class _Backend:
 
     def remember(self) -> None:
         """After COMMIT: keep the committed state of this group's busy profiles for the next."""
-        cache = self._rows
+        cache = self._cache
         if not cache.budget:
             return
         tails = self._tails
