@@ -54,7 +54,6 @@ class RowCache:
         self._held = 0  # decoded log entries held
         self.version: int | None = None  # PRAGMA data_version the entries belong to
         self.hits = 0  # logs taken from the cache
-        self.reads = 0  # logs read from the file instead
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,15 +82,12 @@ class RowCache:
             self._held -= len(found.log)
         return found
 
-    def wants(self, log_length: int) -> bool:
-        return self.min_log <= log_length <= self.budget // 4
-
     def put(self, key: Key, cached: Cached) -> None:
         """Keep a profile's committed state, if its log is long enough and not too long."""
         old = self._entries.pop(key, None)
         if old is not None:
             self._held -= len(old.log)
-        if not self.wants(len(cached.log)):
+        if not self.min_log <= len(cached.log) <= self.budget // 4:
             return
         entries = self._entries
         entries[key] = cached

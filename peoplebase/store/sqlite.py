@@ -231,7 +231,6 @@ class _Backend:
                 LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
                 for t, s, received, d, body in read_log(self.conn, key, tail, chunks)
             ]
-            self._cache.reads += 1
         return log
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
@@ -283,8 +282,9 @@ class _Backend:
                 newest = new[-1].seq if new else max(e.seq for e in self._logs[key])
                 spilled.append((key[0], key[1], newest, tail))
                 tail, n, chunks = None, 0, chunks + 1
-            self._saved[key] = (row, new)
-            loaded[key] = (tail, n, chunks)
+            if key in self._logs:  # what remember() needs of the profiles it may keep
+                self._saved[key] = (row, new)
+                loaded[key] = (tail, n, chunks)
             (updates if key in self._loaded else inserts).append(
                 (
                     _dumps(row.props) if row.props is not None else None,
@@ -353,9 +353,8 @@ class _Backend:
                         if keys is not None and entry.dedup is not None:
                             keys.add(entry.dedup)
                     log.extend(new)  # in no particular order: every reader sorts
-            if cache.wants(len(log)):
-                tail, n, chunks = tails[key]
-                cache.put(key, Cached(row, tail, n, chunks, log, keys))
+            tail, n, chunks = tails[key]
+            cache.put(key, Cached(row, tail, n, chunks, log, keys))
 
 
 def _entry_order(entry: RawEntry) -> tuple[float, int]:
@@ -494,16 +493,6 @@ class SqliteStore:
                 log.warning("closing the write connection after a storage fault: %s", exc)
 
     def close(self) -> None:
-        cache = self.row_cache
-        if cache.hits:
-            log.info(
-                "log cache: %d logs taken from memory, %d read from the file; %d entries of "
-                "%d profiles held",
-                cache.hits,
-                cache.reads,
-                cache.log_entries,
-                len(cache),
-            )
         if self._write_conn is not None:
             self._write_conn.close()
             self._write_conn = None
@@ -528,8 +517,9 @@ class SqliteStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    # another connection committed since the last group: cached rows may be old
-                    self.row_cache.check(_one(conn, "PRAGMA data_version"))
+                    if self.row_cache.budget:
+                        # another connection committed since the last group: cached rows are old
+                        self.row_cache.check(_one(conn, "PRAGMA data_version"))
                     backend = _Backend(self, conn)
                     results = self.merger.apply(backend, requests)
                     self.add_stats(conn, outcome_counts(requests, results, counts), time.time())
