@@ -62,7 +62,6 @@ class LogEntry:
     decoded: Update | None  # None: not made from `body` yet
     dedup: int | None = None
     request: int = -1  # request number within the group; -1 = from an earlier group
-    stored: bool = True  # already in the backend's log
     body: dict[str, Any] | None = None  # the stored form (update_body)
     distinct_id: str = ""
     received: float = 0.0
@@ -420,9 +419,9 @@ class Merger:
         row.dirty = True
         if u.is_delete:
             u.time = t
-            self._delete(backend, prof, LogEntry(t, seq, u, u.dedup, r, stored=False))
+            self._delete(backend, prof, LogEntry(t, seq, u, u.dedup, r))
             return
-        entry = LogEntry(t, seq, u, u.dedup, r, stored=False)
+        entry = LogEntry(t, seq, u, u.dedup, r)
         if t >= row.last_time and not prof.stale:
             u.time = t
             skips: list[Skip] = []
