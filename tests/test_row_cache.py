@@ -345,3 +345,19 @@ def test_size_zero_keeps_nothing() -> None:
     cache = RowCache(log_entries=0, min_log=1)
     cache.put((1, "a"), entry(1))
     assert len(cache) == 0
+
+
+def test_the_setting_reaches_the_writer(tmp_path: Path) -> None:
+    # `--log-cache` sizes the cache of whichever process runs the merge
+    from peoplebase.app import PeoplebaseApp
+    from peoplebase.settings import Settings
+
+    thread = PeoplebaseApp(Settings(db=str(tmp_path / "t.db"), writer="thread", log_cache=0))
+    assert isinstance(thread.store, SqliteStore)
+    assert thread.store.row_cache.budget == 0
+    thread.store.close()
+    process = PeoplebaseApp(Settings(db=str(tmp_path / "p.db"), log_cache=5000))
+    assert process.write_process is not None
+    assert process.write_process.store_kwargs["log_cache"] == 5000
+    assert isinstance(process.store, SqliteStore)
+    process.store.close()
