@@ -310,6 +310,15 @@ def _overwritten_later(ordered: list[LogEntry], changed: set[int], names: set[st
     return found
 
 
+@dataclass(slots=True)
+class Loaded:
+    """A group's updates by profile, the first arrival number, and the profiles' rows."""
+
+    grouped: dict[Key, list[tuple[int, Update]]]
+    seq: int
+    rows: dict[Key, ProfileRow]
+
+
 @dataclass
 class _Profile:
     key: Key
@@ -345,9 +354,39 @@ class Merger:
             raise ValueError("max_log_entries must be 0 (no limit) or more")
         self.max_log_entries = max_log_entries
 
-    def apply(self, backend: MergeBackend, requests: Sequence[Sequence[Update]]) -> list[Applied]:
-        """Merge the updates of several requests (in arrival order) in one transaction."""
+    def apply(
+        self,
+        backend: MergeBackend,
+        requests: Sequence[Sequence[Update]],
+        loaded: Loaded | None = None,
+    ) -> list[Applied]:
+        """Merge the updates of several requests (in arrival order) in one transaction.
+
+        `loaded` is what `load` returned for these requests on this backend, when the store
+        read the profiles beforehand.
+        """
+        if loaded is None:
+            loaded = self.load(backend, requests)
         results = [Applied() for _ in requests]
+        if not loaded.grouped:
+            return results
+        seq = loaded.seq
+        rows = loaded.rows
+        touched: list[_Profile] = []
+        for key, items in loaded.grouped.items():
+            prof = _Profile(key, rows.get(key) or ProfileRow())
+            for r, u in items:
+                self._one(backend, prof, r, u, seq, results[r])
+                seq += 1
+            if prof.stale:
+                self._refold(backend, prof)
+            self._maybe_compact(backend, prof)
+            touched.append(prof)
+        self._write(backend, touched)
+        return results
+
+    def load(self, backend: MergeBackend, requests: Sequence[Sequence[Update]]) -> Loaded:
+        """The first step of `apply`: project ids, updates by profile, arrival numbers, rows."""
         tokens = {u.token for updates in requests for u in updates}
         pids = backend.project_ids(tokens, create=self.open_tokens)
         grouped: dict[Key, list[tuple[int, Update]]] = {}
@@ -360,21 +399,31 @@ class Merger:
                 grouped.setdefault((pid, u.distinct_id), []).append((r, u))
                 count += 1
         if not grouped:
-            return results
+            return Loaded({}, 0, {})
         seq = backend.next_seq(count)
-        rows = backend.load_profiles(list(grouped))
-        touched: list[_Profile] = []
-        for key, items in grouped.items():
-            prof = _Profile(key, rows.get(key) or ProfileRow())
-            for r, u in items:
-                self._one(backend, prof, r, u, seq, results[r])
-                seq += 1
-            if prof.stale:
-                self._refold(backend, prof)
-            self._maybe_compact(backend, prof)
-            touched.append(prof)
-        self._write(backend, touched)
-        return results
+        return Loaded(grouped, seq, backend.load_profiles(list(grouped)))
+
+    def logs_wanted(self, loaded: Loaded) -> list[Key]:
+        """The profiles whose stored log `apply` may read: each update that is not newer than
+        everything before it (late, a possible retry), a $delete, a clamped time, compaction
+        or a log over its limit. A superset: the others' logs are not read."""
+        out = []
+        window = self.window
+        limit = self.max_log_entries
+        for key, items in loaded.grouped.items():
+            row = loaded.rows.get(key)
+            if row is None or row.log_min is None:
+                continue  # no stored log
+            newest = row.last_time
+            wanted = bool(limit) and row.log_n + len(items) > limit
+            for _, u in items:
+                if wanted or u.time <= newest or u.clamped or u.is_delete:
+                    wanted = True
+                    break
+                newest = u.time
+            if wanted or row.log_min < newest - 1.5 * window:
+                out.append(key)
+        return out
 
     # --- one update ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from .store.base import StoreUnavailable
 from .types import Applied, Update
+from .writer import prefer_quick_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,15 @@ FULL_COLLECT_EVERY = 600.0
 
 
 def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
-    """The writer process: open the store, then commit every group the server sends."""
+    """The writer process: open the store, then commit every group the server sends.
+
+    A store that pipelines (SQLite: `send_group`) merges the next group while the previous
+    one commits; a second thread waits for each commit and answers, in the order the groups
+    came. Every answer goes through that thread, so answers never overtake each other.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    prefer_quick_handoffs()  # the store's committer thread hands groups back and forth
     from .store import open_store
 
     try:
@@ -46,30 +54,84 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
         return
     conn.send(("ready", None))
     collector = Collector()
+    answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+    responder = threading.Thread(
+        target=_answer, args=(conn, store, answers), name="peoplebase-answers", daemon=True
+    )
+    responder.start()
+    pipelined = hasattr(store, "send_group")
+    ahead: list[Any] = []  # a message read early, to let the store read its profiles sooner
+
+    def upcoming() -> Any:
+        """The next group's requests, if the server has sent them already."""
+        if not ahead:
+            try:
+                if not conn.poll():
+                    return None
+                ahead.append(conn.recv())
+            except (EOFError, OSError):
+                ahead.append(None)
+        message = ahead[0]
+        return message[1] if message is not None and message[0] == "group" else None
+
     try:
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                break
+            if ahead:
+                message = ahead.pop()
+            else:
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    break
             if message is None:
                 break
             kind, first, second = message
             try:
                 if kind == "session":  # a query session's rows, written for the server
                     store._session_write(first, second)  # type: ignore[attr-defined]
-                    conn.send(("ok", None))
+                    answers.put(("reply", ("ok", None)))
                     continue
-                conn.send(("ok", store.write_group(first, second)))
+                if pipelined:
+                    ticket = store.send_group(first, second, upcoming)  # type: ignore[attr-defined]
+                    answers.put(("group", ticket))
+                else:
+                    answers.put(("reply", ("ok", store.write_group(first, second))))
                 collector.after_group()
             except StoreUnavailable as exc:
-                conn.send(("unavailable", str(exc)))
+                answers.put(("reply", ("unavailable", str(exc))))
             except Exception as exc:
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                answers.put(("reply", ("error", f"{type(exc).__name__}: {exc}")))
     except (BrokenPipeError, ConnectionResetError, OSError):
         pass  # the server is gone: whatever was committed stays committed
     finally:
+        answers.put(None)
+        responder.join()
         store.close()
+
+
+def _answer(
+    conn: Connection, store: Any, answers: queue.SimpleQueue[tuple[str, Any] | None]
+) -> None:
+    """Send each answer once its group has committed, in the order the groups came."""
+    broken = False
+    while True:
+        item = answers.get()
+        if item is None:
+            return
+        kind, value = item
+        if kind == "group":
+            try:
+                value = ("ok", store.await_group(value))
+            except StoreUnavailable as exc:
+                value = ("unavailable", str(exc))
+            except Exception as exc:
+                value = ("error", f"{type(exc).__name__}: {exc}")
+        if broken:
+            continue  # the server is gone; the remaining groups still finish their commits
+        try:
+            conn.send(value)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            broken = True
 
 
 class Collector:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -23,6 +24,17 @@ from .store.base import ProfileStore, StoreUnavailable
 from .types import Applied, Update
 
 log = logging.getLogger(__name__)
+
+
+# The interpreter lock's switch interval where a store commits in a thread of its own: that
+# thread waits for the lock when its COMMIT is handed over and when it returns, and at the
+# default 5 ms each of those waits delayed the next group (the writer ran 15-20% slower).
+QUICK_SWITCH_INTERVAL = 0.0002
+
+
+def prefer_quick_handoffs() -> None:
+    """Let threads that wait for the interpreter lock get it within QUICK_SWITCH_INTERVAL."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), QUICK_SWITCH_INTERVAL))
 
 
 class Overloaded(Exception):
@@ -82,6 +94,8 @@ class Writer:
             self._counts[key] = self._counts.get(key, 0) + n
 
     def start(self) -> None:
+        if self._pipelined:
+            prefer_quick_handoffs()
         for thread in self._threads:
             thread.start()
 

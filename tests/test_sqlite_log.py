@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from peoplebase.merge import Merger
 from peoplebase.store import sqlite as sqlite_store
+from peoplebase.store import sqlite_write
 from peoplebase.store.sqlite import SqliteStore, migrations
 from tests.test_merge import (
     T0,
@@ -46,7 +47,7 @@ from tests.test_store_contract import (
 
 @pytest.fixture
 def tiny_tails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_store, "TAIL_MAX_ENTRIES", 2)
+    monkeypatch.setattr(sqlite_write, "TAIL_MAX_ENTRIES", 2)
 
 
 def _chunks(store: SqliteStore) -> int:
@@ -116,7 +117,7 @@ def test_long_log_spills_and_reads_back_whole(tmp_path: Path) -> None:
     assert [h["time"] for h in history] == sorted(float(1_700_000_000 + t) for t in [*range(0, 400, 2), 1, 201, 399])
     row = store._reader().execute("SELECT tail_n, chunks FROM profiles WHERE distinct_id = 'a'").fetchone()
     assert row[1] == _chunks(store) > 1
-    assert row[0] <= sqlite_store.TAIL_MAX_ENTRIES
+    assert row[0] <= sqlite_write.TAIL_MAX_ENTRIES
     # a delete keeps only the entries at or after its time, and clears the chunks
     run_store(store, [[[rec(300, delete=1)]]])
     history = store.profile_history(project.id, "a")

@@ -1,9 +1,11 @@
-"""The embedded store: one SQLite file in WAL mode, written by one thread.
+"""The embedded store: one SQLite file in WAL mode, with one write connection.
 
-Writes come only through `write_group`, which the writer thread calls with every request it
-took from the queue: they share one `BEGIN IMMEDIATE … COMMIT` (group commit) and, with
-`synchronous=FULL`, one fsync. Reads use their own connection per thread and never block the
-writer (WAL).
+Writes come through `send_group` / `await_group` (or `write_group`, both at once), which the
+writer calls with every request it took from the queue: they share one `BEGIN IMMEDIATE …
+COMMIT` (group commit) and, with `synchronous=FULL`, one fsync. The COMMIT runs on a thread
+of its own while the next group is merged, and the WAL is copied into the file by another
+(sqlite_write.py). Reads use their own connection per thread and never block the writer
+(WAL).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -21,15 +23,7 @@ from typing import Any
 import apsw
 import orjson
 
-from ..merge import (
-    DEFAULT_MAX_LOG_ENTRIES,
-    LOG_ORDER,
-    Key,
-    LogEntry,
-    Merger,
-    ProfileRow,
-    update_from_body,
-)
+from ..merge import DEFAULT_MAX_LOG_ENTRIES, Loaded, LogEntry, Merger, update_from_body
 from ..query import indexes
 from ..query.compile import compile_where
 from ..query.where import Node
@@ -49,7 +43,17 @@ from .base import (
     outcome_counts,
     secret_matches,
 )
-from .rowcache import DEFAULT_LOG_CACHE, Cached, RowCache
+from .rowcache import DEFAULT_LOG_CACHE, RowCache
+from .sqlite_write import (
+    Checkpointer,
+    Committer,
+    Group,
+    GroupBackend,
+    NeedsSerial,
+    PipelineStats,
+    read_log,
+    remember,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,297 +79,12 @@ def migrations() -> list[tuple[int, str]]:
 
 
 PAGE_SIZE = 8192
-_LOAD_CHUNK = 500  # distinct_ids per SELECT when loading a group's profiles
 
 
 def _one(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(sql, args).fetchone()
     assert row is not None
     return row[0]
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
-# A profile's newest log entries live in its row; past either limit they move to log_chunks.
-TAIL_MAX_ENTRIES = 16
-TAIL_MAX_BYTES = 2048
-
-
-RawEntry = list[Any]  # [time, seq, received, dedup, body] as the log stores it
-
-
-def raw_entries(entries: Sequence[LogEntry]) -> list[RawEntry]:
-    """Log entries in the form the tail and the chunks hold (a JSON array of these)."""
-    return [[e.time, e.seq, e.received_at(), e.dedup, e.stored_body()] for e in entries]
-
-
-def read_log(conn: apsw.Connection, key: Key, tail: bytes | None, chunks: int) -> list[RawEntry]:
-    """A profile's stored log (chunks and tail), in ($time, seq) order."""
-    loads = orjson.loads
-    raw: list[RawEntry] = []
-    if chunks:
-        for (blob,) in conn.execute(
-            "SELECT entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?", key
-        ):
-            raw.extend(loads(blob))
-    if tail is not None:
-        raw.extend(loads(tail))
-    raw.sort(key=_entry_order)
-    return raw
-
-
-class _Backend:
-    """MergeBackend over an open write connection (inside a transaction).
-
-    The update log is kept in the profile row (`tail`) and in `log_chunks`: appending to it
-    rewrites only the row the merge rewrites anyway; the stored log is read and rewritten
-    whole only for late records, deletes and compaction. Busy profiles' rows and decoded logs
-    come from the store's cache when it has them, and go back to it in `remember`.
-    """
-
-    def __init__(self, store: SqliteStore, conn: apsw.Connection) -> None:
-        self.store = store
-        self.conn = conn
-        self._tails: dict[Key, tuple[bytes | None, int, int]] = {}  # tail, tail_n, chunks
-        # stored logs read (or taken from the cache) in this group, in no particular order
-        self._logs: dict[Key, list[LogEntry]] = {}
-        self._keys: dict[Key, set[int]] = {}  # the retry keys of some of them
-        self._rewrite: set[Key] = set()  # stored logs to write back whole
-        self._new: dict[Key, list[LogEntry]] = {}
-        self._cache = store.row_cache
-        self._loaded: dict[Key, ProfileRow] = {}
-        self._saved: dict[Key, tuple[ProfileRow, list[LogEntry] | None]] = {}
-
-    def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
-        out: dict[str, int] = {}
-        cache = self.store._token_ids
-        for token in tokens:
-            pid = cache.get(token)
-            if pid is None:
-                row = self.conn.execute(
-                    "SELECT id FROM projects WHERE token = ?", (token,)
-                ).fetchone()
-                if row is None and create:
-                    self.conn.execute(
-                        "INSERT INTO projects (token, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                        (token, "", hash_secret(new_secret()), time.time()),
-                    )
-                    row = (self.conn.last_insert_rowid(),)
-                    log.info("project created for new token %r (id %s)", token, row[0])
-                if row is None:
-                    continue
-                pid = int(row[0])
-                self.store._pending_ids[token] = pid
-            out[token] = pid
-        return out
-
-    def next_seq(self, count: int) -> int:
-        value = _one(
-            self.conn,
-            "UPDATE counters SET value = value + ? WHERE name = 'seq' RETURNING value",
-            (count,),
-        )
-        return int(value) - count + 1
-
-    def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]:
-        out: dict[Key, ProfileRow] = {}
-        tails = self._tails
-        cur = self.conn.cursor()
-        loads = orjson.loads
-        by_project: dict[int, list[str]] = {}
-        take = self._cache.take
-        for key in keys:
-            cached = take(key)
-            if cached is None:
-                by_project.setdefault(key[0], []).append(key[1])
-                continue
-            out[key] = cached.row
-            tails[key] = (cached.tail, cached.tail_n, cached.chunks)
-            self._logs[key] = cached.log
-            if cached.keys is not None:
-                self._keys[key] = cached.keys
-        for pid, dids in by_project.items():
-            # one statement per chunk of ids rather than one per profile
-            for start in range(0, len(dids), _LOAD_CHUNK):
-                chunk = dids[start : start + _LOAD_CHUNK]
-                sql = (
-                    "SELECT distinct_id, props, last_time, base, tomb, log_min, log_n, log_floor, "  # noqa: S608
-                    "tail, tail_n, chunks FROM profiles WHERE project_id = ? AND distinct_id IN "
-                    f"({','.join('?' * len(chunk))})"
-                )
-                for (
-                    did,
-                    props,
-                    last_time,
-                    base,
-                    tomb,
-                    log_min,
-                    log_n,
-                    log_floor,
-                    tail,
-                    n,
-                    chunks,
-                ) in cur.execute(sql, (pid, *chunk)):
-                    key = (pid, did)
-                    out[key] = ProfileRow(
-                        loads(props) if props is not None else None,
-                        last_time,
-                        loads(base) if base is not None else None,
-                        tomb,
-                        log_min,
-                        log_n,
-                        log_floor,
-                    )
-                    tails[key] = (tail, n, chunks)
-        self._loaded = out
-        return out
-
-    def load_log(self, key: Key) -> list[LogEntry]:
-        log = self._logs.get(key)
-        if log is None:
-            tail, _, chunks = self._tails.get(key, (None, 0, 0))
-            did = key[1]
-            log = self._logs[key] = [
-                LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
-                for t, s, received, d, body in read_log(self.conn, key, tail, chunks)
-            ]
-        return log
-
-    def has_retry_key(self, key: Key, dedup: int) -> bool:
-        keys = self._keys.get(key)
-        if keys is None:
-            keys = self._keys[key] = {e.dedup for e in self.load_log(key) if e.dedup is not None}
-        return dedup in keys
-
-    def delete_log(self, key: Key, before: float) -> None:
-        self._logs[key] = [e for e in self.load_log(key) if e.time >= before]
-        self._keys.pop(key, None)
-        self._rewrite.add(key)
-
-    def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
-        """Buffered: written with the profile row in save_profiles."""
-        self._new.setdefault(key, []).extend(entries)
-
-    def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None:
-        # The merger calls this once per group, after every delete_log and insert_log.
-        spilled: list[tuple[int, str, int, bytes]] = []
-        cleared: list[Key] = []
-        loaded = self._tails
-        inserts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
-        for key, row in rows:
-            tail, n, chunks = loaded.get(key, (None, 0, 0))
-            new = self._new.pop(key, None)
-            added = raw_entries(new) if new else None
-            if key in self._rewrite:
-                if chunks:
-                    cleared.append(key)
-                    chunks = 0
-                entries = sorted(self._logs[key], key=LOG_ORDER)
-                tail = orjson.dumps(raw_entries(entries)) if entries else None
-                n = len(entries)
-                if added:
-                    tail = _append(tail, orjson.dumps(added))
-                    n += len(added)
-            elif added:
-                tail = _append(tail, orjson.dumps(added))
-                n += len(added)
-            changed = new or key in self._rewrite
-            if (
-                changed
-                and tail is not None
-                and (n > TAIL_MAX_ENTRIES or len(tail) > TAIL_MAX_BYTES)
-            ):
-                # seqs only grow: the newest entry's seq names the chunk uniquely
-                newest = new[-1].seq if new else max(e.seq for e in self._logs[key])
-                spilled.append((key[0], key[1], newest, tail))
-                tail, n, chunks = None, 0, chunks + 1
-            if key in self._logs:  # what remember() needs of the profiles it may keep
-                self._saved[key] = (row, new)
-                loaded[key] = (tail, n, chunks)
-            (updates if key in self._loaded else inserts).append(
-                (
-                    _dumps(row.props) if row.props is not None else None,
-                    row.last_time,
-                    _dumps(row.base) if row.base is not None else None,
-                    row.tomb,
-                    row.log_min,
-                    row.log_n,
-                    row.log_floor,
-                    tail,
-                    n,
-                    chunks,
-                    key[0],
-                    key[1],
-                )
-            )
-        if self._new:
-            raise AssertionError(f"log entries of unsaved profiles: {list(self._new)[:3]}")
-        if cleared:
-            self.conn.executemany(
-                "DELETE FROM log_chunks WHERE project_id = ? AND distinct_id = ?", cleared
-            )
-        if spilled:
-            self.conn.executemany(
-                "INSERT INTO log_chunks (project_id, distinct_id, last_seq, entries) "
-                "VALUES (?, ?, ?, ?)",
-                spilled,
-            )
-        if inserts:
-            self.conn.executemany(
-                "INSERT INTO profiles (props, last_time, base, tomb, log_min, log_n, log_floor, "
-                "tail, tail_n, chunks, project_id, distinct_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                inserts,
-            )
-        if updates:
-            # the rows were read in this transaction: a plain UPDATE finds each with one seek
-            self.conn.executemany(
-                "UPDATE profiles SET props = ?, last_time = ?, base = ?, tomb = ?, log_min = ?, "
-                "log_n = ?, log_floor = ?, tail = ?, tail_n = ?, chunks = ? "
-                "WHERE project_id = ? AND distinct_id = ?",
-                updates,
-            )
-
-    def remember(self) -> None:
-        """After COMMIT: keep the committed state of this group's busy profiles for the next."""
-        cache = self._cache
-        if not cache.budget:
-            return
-        tails = self._tails
-        for key, log in self._logs.items():
-            keys = self._keys.get(key)
-            saved = self._saved.get(key)
-            if saved is None:
-                found = self._loaded.get(key)
-                if found is None or key in self._rewrite:  # (a purged log is always saved)
-                    continue
-                row = found
-            else:
-                row, new = saved
-                row.dirty = False
-                if new:
-                    for entry in new:  # from now on, entries of an earlier group
-                        entry.request = -1
-                        entry.distinct_id = key[1]
-                        if keys is not None and entry.dedup is not None:
-                            keys.add(entry.dedup)
-                    log.extend(new)  # in no particular order: every reader sorts
-            tail, n, chunks = tails[key]
-            cache.put(key, Cached(row, tail, n, chunks, log, keys))
-
-
-def _entry_order(entry: RawEntry) -> tuple[float, int]:
-    return (entry[0], entry[1])
-
-
-def _append(tail: bytes | None, new: bytes) -> bytes:
-    """Join two JSON arrays without parsing them."""
-    if tail is None or tail == b"[]":
-        return new
-    return tail[:-1] + b"," + new[1:]
 
 
 class SqliteStore:
@@ -391,9 +110,23 @@ class SqliteStore:
         self._local = threading.local()
         self._write_conn: apsw.Connection | None = None
         self._token_ids: dict[str, int] = {}
-        self._pending_ids: dict[str, int] = {}
+        # Held from a group's BEGIN to the end of its COMMIT (released by the committer
+        # thread), and by every other use of the write connection.
         self._write_lock = threading.Lock()
+        self._merge_lock = threading.Lock()  # one group is merged at a time
+        self._merge_conn: apsw.Connection | None = None
+        self._reopen_merge_conn = False
+        self._committer: Committer | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._inflight: Group | None = None  # the last group handed to the committer
+        # the next group's requests, and their profiles read in the previous transaction
+        self._preloaded: tuple[Sequence[Sequence[Update]], GroupBackend, Loaded] | None = None
+        self._seq = 0  # the arrival counter, as far as this store has handed it out
+        # PRAGMA data_version of the write connection at the last group: when it changes,
+        # another connection has committed, and what this store keeps in memory is old
+        self._dv: int | None = None
         self._next_optimize = 0.0
+        self.pipeline = PipelineStats()
         # busy profiles' committed rows and decoded logs, kept between groups (rowcache.py)
         self.row_cache = RowCache(log_cache)
         # Set by the server with `--writer process`: query-session writes go to the process
@@ -427,6 +160,9 @@ class SqliteStore:
     def _writer(self) -> apsw.Connection:
         if self._write_conn is None:
             self._write_conn = self._connect()
+            if self._checkpointer is not None:
+                # the checkpointer thread copies the WAL into the file, not this connection
+                self._write_conn.set_wal_hook(self._checkpointer.wal_hook)
         return self._write_conn
 
     def open(self) -> None:
@@ -442,9 +178,8 @@ class SqliteStore:
         """Create an index per indexed property; drop those no longer configured."""
         if names is not None:
             self.indexed_properties = tuple(indexes.check_name(n) for n in names)
-        conn = self._writer()
         wanted = {indexes.sqlite_index_name(n): n for n in self.indexed_properties}
-        with self._write_lock, conn:
+        with self._write_lock, self._writer() as conn:
             existing = {
                 str(name)
                 for (name,) in conn.execute(
@@ -468,9 +203,9 @@ class SqliteStore:
         self.analyze()
 
     def migrate(self) -> int:
-        conn = self._writer()
         with self._write_lock:
             self.row_cache.clear()
+            conn = self._writer()
             current = _one(conn, "PRAGMA user_version")
             applied = current
             for version, sql in migrations():
@@ -481,10 +216,20 @@ class SqliteStore:
                     conn.execute(f"PRAGMA user_version = {int(version)}")  # sql: reviewed: int
                 applied = version
                 log.info("applied migration %04d to %s", version, self.path)
+            self._seq = max(
+                self._seq, int(_one(conn, "SELECT value FROM counters WHERE name = 'seq'"))
+            )
+            self._dv = _one(conn, "PRAGMA data_version")
             return applied
 
-    def _drop_writer(self) -> None:
-        self.row_cache.clear()
+    def _close_writer(self) -> None:
+        """Close the write connection (the write lock is held); the next use reopens it.
+
+        The merge connection is reopened too, by the next merge: a connection kept open
+        across a storage fault keeps the file's old state (its shared memory, its handles).
+        """
+        self._dv = None
+        self._reopen_merge_conn = True
         conn, self._write_conn = self._write_conn, None
         if conn is not None:
             try:
@@ -492,10 +237,26 @@ class SqliteStore:
             except apsw.Error as exc:
                 log.warning("closing the write connection after a storage fault: %s", exc)
 
+    def _merge_reader(self) -> apsw.Connection:
+        """The read-only connection groups are merged through (under the merge lock)."""
+        if self._merge_conn is None:
+            self._merge_conn = self._connect()
+            self._merge_conn.execute("PRAGMA query_only = 1")
+        return self._merge_conn
+
     def close(self) -> None:
-        if self._write_conn is not None:
-            self._write_conn.close()
-            self._write_conn = None
+        with self._merge_lock, self._write_lock:  # the group in flight has committed
+            self._inflight = None
+            if self._committer is not None:
+                self._committer.stop()
+                self._committer = None
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
+                self._checkpointer = None
+            for conn in (self._write_conn, self._merge_conn):
+                if conn is not None:
+                    conn.close()
+            self._write_conn = self._merge_conn = None
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -503,43 +264,229 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------
 
+    # The writer (writer.py) keeps two groups in flight: one commits while the next is merged.
+    PIPELINE_DEPTH = 2
+
     def write_group(
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
     ) -> list[Applied]:
-        """Merge the requests in one transaction; raises StoreUnavailable on storage faults.
+        """Merge the requests in one transaction and commit it durably; raises
+        StoreUnavailable on storage faults.
 
         `counts` (outcome counts by project token) are stored in the same transaction, with
         the counts of this group's own outcomes added.
         """
-        conn = self._writer()
-        with self._write_lock:
-            self._pending_ids = {}
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+        return self.await_group(self.send_group(requests, counts))
+
+    def send_group(
+        self,
+        requests: Sequence[Sequence[Update]],
+        counts: dict[tuple[str, str], int] | None = None,
+        upcoming: Callable[[], Sequence[Sequence[Update]] | None] | None = None,
+    ) -> Group:
+        """Merge and write a group, and hand its COMMIT to the committer thread.
+
+        Returns when the rows are written and the previous group has committed, so the
+        caller can send the next group while this one commits (sqlite_write.py). The answer
+        to the group's requests is `await_group`'s. `upcoming`, when given, tells the next
+        group's requests if they are known already: their profiles are then read inside
+        this group's transaction, where the pages are at hand.
+        """
+        with self._merge_lock:
+            if self._reopen_merge_conn and self._merge_conn is not None:
+                self._merge_conn.close()
+                self._merge_conn = None
+            self._reopen_merge_conn = False
+            previous = self._inflight
+            preloaded, self._preloaded = self._preloaded, None
+            group = Group(requests, counts or {})
+            self.pipeline.groups += 1
+            backend: GroupBackend | None = None
+            loaded: Loaded | None = None
+            if preloaded is not None and preloaded[0] is requests:
+                backend, loaded = preloaded[1], preloaded[2]
+                self.pipeline.preloaded += 1
+            merged = False
+            states = previous.written if previous is not None else None
+            if (
+                previous is not None
+                and states is not None
+                and not previous.done.is_set()
+                and self._dv is not None
+            ):
+                # the previous group is committing: merge this one meanwhile
+                if backend is None:
+                    backend = GroupBackend(self, self._merge_reader(), states, True)
+                backend.reader = self._merge_reader()
                 try:
-                    if self.row_cache.budget:
-                        # another connection committed since the last group: cached rows are old
-                        self.row_cache.check(_one(conn, "PRAGMA data_version"))
-                    backend = _Backend(self, conn)
-                    results = self.merger.apply(backend, requests)
-                    self.add_stats(conn, outcome_counts(requests, results, counts), time.time())
-                    conn.execute("COMMIT")
+                    if loaded is None:
+                        loaded = self.merger.load(backend, requests)
+                    group.results = self.merger.apply(backend, requests, loaded)
+                    backend.seal()
+                    merged = True
+                    self.pipeline.overlapped += 1
+                    self.pipeline.logs_read_late += backend.logs_read
+                except NeedsSerial:
+                    backend, loaded = None, None
                 except BaseException:
-                    # the merge changed rows taken from the cache that are now rolled back
+                    # the merge may have changed the previous group's states in memory
+                    previous.written = None
                     self.row_cache.clear()
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
                     raise
-                backend.remember()
-            except _UNAVAILABLE as exc:
-                # Reopen on the next commit: a connection that fell back to read-only, or
-                # whose file went bad, would otherwise keep failing after the fault is fixed.
-                self._drop_writer()
-                raise StoreUnavailable(str(exc)) from exc
-            self._token_ids.update(self._pending_ids)
-            if time.monotonic() >= self._next_optimize:
-                self._optimize(conn)
-            return results
+            self._write_lock.acquire()  # free once the previous group's COMMIT has ended
+            try:
+                self._write(group, previous, backend, loaded, merged)
+                if upcoming is not None:
+                    self._preload(group, upcoming)
+            except BaseException:
+                self._write_lock.release()
+                raise
+            self._inflight = group
+            if self._committer is None:
+                self._start_threads()
+            assert self._committer is not None
+            self._committer.commit(group)  # releases the write lock after COMMIT
+            return group
+
+    def _start_threads(self) -> None:
+        """The committer and checkpointer threads, started by the first group."""
+        self._committer = Committer(self)
+        self._checkpointer = Checkpointer(self._connect)
+        if self._write_conn is not None:
+            self._write_conn.set_wal_hook(self._checkpointer.wal_hook)
+
+    def _write(
+        self,
+        group: Group,
+        previous: Group | None,
+        backend: GroupBackend | None,
+        loaded: Loaded | None,
+        merged: bool,
+    ) -> None:
+        """Open the group's transaction and write its rows (the write lock is held).
+
+        `merged`: the group was merged while the previous one committed; else it is merged
+        here, inside the transaction (on `backend` if its profiles were read already).
+        """
+        self._inflight = None
+        stale = previous is not None and (previous.error is not None or previous.written is None)
+        try:
+            conn = self._writer()
+            checkpointer = self._checkpointer
+            if checkpointer is not None and checkpointer.due_inline:
+                # copy what the background checkpoint left, so this transaction starts the
+                # WAL over (or catch up, should the background checkpoints fall behind)
+                checkpointer.due_inline = False
+                conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = _one(conn, "PRAGMA data_version")
+                if version != self._dv:
+                    stale = True  # another connection committed: what was read is old
+                    self._dv = version
+                self.row_cache.check(version)
+                if stale:
+                    self.row_cache.clear()
+                    self.pipeline.merged_again += backend is not None
+                    backend, loaded, merged = None, None, False
+                if not merged:
+                    if backend is None:
+                        states = previous.written if previous is not None and not stale else None
+                        backend = GroupBackend(self, conn, states or {}, pipelined=False)
+                        loaded = None
+                    backend.reader = conn
+                    group.results = self.merger.apply(backend, group.requests, loaded)
+                    backend.seal()
+                assert backend is not None  # merged, or merged just now
+                if previous is not None and previous.written and not stale:
+                    remember(self.row_cache, previous.written, skip=backend.loaded)
+                backend.flush(conn)
+                self.add_stats(
+                    conn, outcome_counts(group.requests, group.results, group.counts), time.time()
+                )
+            except BaseException:
+                # the merge changed rows taken from the cache that are now rolled back
+                self.row_cache.clear()
+                if not conn.getautocommit():
+                    conn.execute("ROLLBACK")
+                raise
+        except _UNAVAILABLE as exc:
+            # Reopen on the next commit: a connection that fell back to read-only, or whose
+            # file went bad, would otherwise keep failing after the fault is fixed.
+            self.row_cache.clear()
+            self._close_writer()
+            raise StoreUnavailable(str(exc)) from exc
+        group.written = backend.written
+        group.created_ids = backend.created_ids
+
+    def _preload(
+        self, group: Group, upcoming: Callable[[], Sequence[Sequence[Update]] | None]
+    ) -> None:
+        """Read the next group's profiles (and the logs it may need) in this group's
+        transaction, which shows what this group wrote, through the connection whose page
+        cache holds those pages. The next group is then merged while this one commits."""
+        try:
+            requests = upcoming()
+        except Exception:  # the caller's: this group goes on without it
+            log.exception("reading the next group ahead failed")
+            return
+        if not requests or group.written is None:
+            return
+        known = self._token_ids
+        if any(u.token not in known for updates in requests for u in updates):
+            return  # a project this transaction may have created is not committed yet
+        backend = GroupBackend(self, self._writer(), group.written, pipelined=True)
+        try:
+            loaded = self.merger.load(backend, requests)
+            backend.preload_logs(self.merger.logs_wanted(loaded))
+        except _UNAVAILABLE:
+            return  # the COMMIT will tell
+        except Exception:  # the next group is merged without it, and fails there if it must
+            log.exception("reading the next group's profiles ahead failed")
+            return
+        backend.logs_read = 0  # from here on, those the prediction missed
+        self._preloaded = (requests, backend, loaded)
+
+    def _finish_commit(self, group: Group) -> None:
+        """On the committer thread, with the write lock held: COMMIT the group."""
+        conn = self._write_conn
+        assert conn is not None
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            self._dv = None  # the next group starts from the file
+            try:
+                if not conn.getautocommit():
+                    conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+            self._close_writer()
+            raise
+        self._token_ids.update(group.created_ids)
+        if time.monotonic() >= self._next_optimize:
+            self._optimize(conn)
+
+    def await_group(self, group: Group) -> list[Applied]:
+        """The group's results once its COMMIT has returned; raises what the COMMIT raised."""
+        group.done.wait()
+        # No later group has started (none holds the merge lock): the cache takes this
+        # group's busy logs now rather than when the next group is written.
+        if self._inflight is group and self._merge_lock.acquire(blocking=False):
+            try:
+                if self._inflight is group:
+                    self._inflight = None
+                    if group.error is None and group.written:
+                        remember(self.row_cache, group.written)
+                    else:
+                        self.row_cache.clear()
+            finally:
+                self._merge_lock.release()
+        error = group.error
+        if error is None:
+            return group.results
+        if isinstance(error, _UNAVAILABLE):
+            raise StoreUnavailable(str(error)) from error
+        raise error
 
     OPTIMIZE_EVERY = 600.0
 
@@ -554,8 +501,8 @@ class SqliteStore:
 
     def analyze(self) -> None:
         """Gather the planner's statistics now (done at start and every 10 minutes of writes)."""
-        conn = self._writer()
         with self._write_lock:
+            conn = self._writer()
             conn.execute("PRAGMA analysis_limit = 400")
             conn.execute("ANALYZE")
             self._next_optimize = time.monotonic() + self.OPTIMIZE_EVERY
@@ -568,8 +515,7 @@ class SqliteStore:
 
     def create_project(self, token: str, name: str = "") -> tuple[Project, str]:
         secret = new_secret()
-        conn = self._writer()
-        with self._write_lock, conn:
+        with self._write_lock, self._writer() as conn:
             try:
                 conn.execute(
                     "INSERT INTO projects (token, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
@@ -583,8 +529,7 @@ class SqliteStore:
 
     def rotate_secret(self, token: str) -> tuple[Project, str]:
         secret = new_secret()
-        conn = self._writer()
-        with self._write_lock, conn:
+        with self._write_lock, self._writer() as conn:
             conn.execute(
                 "UPDATE projects SET secret_hash = ? WHERE token = ?", (hash_secret(secret), token)
             )
@@ -769,7 +714,9 @@ class SqliteStore:
         if not counts:
             return
         minute = int(now // 60)
-        ids = _Backend(self, conn).project_ids({token for token, _ in counts}, create=False)
+        ids = GroupBackend(self, conn, {}, pipelined=False).project_ids(
+            {token for token, _ in counts}, create=False
+        )
         conn.executemany(
             "INSERT INTO stats (project_id, minute, name, count) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (project_id, minute, name) DO UPDATE SET count = count + excluded.count",
@@ -836,9 +783,8 @@ class SqliteStore:
         if self.session_writer is not None:  # `--writer process`: the child writes them
             self.session_writer(sql, rows)
             return
-        conn = self._writer()
         try:
-            with self._write_lock, conn:
+            with self._write_lock, self._writer() as conn:
                 conn.executemany(sql, rows)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(str(exc)) from exc
@@ -911,8 +857,7 @@ class SqliteStore:
                 raise UnknownProject(f"no project with id {pid}")
         username, secret = new_service_account_credentials(name)
         now = time.time()
-        conn = self._writer()
-        with self._write_lock, conn:
+        with self._write_lock, self._writer() as conn:
             conn.execute(
                 "INSERT INTO service_accounts (username, name, secret_hash, created_at) "
                 "VALUES (?, ?, ?, ?)",
