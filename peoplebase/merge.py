@@ -319,7 +319,7 @@ class Loaded:
     rows: dict[Key, ProfileRow]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Profile:
     key: Key
     row: ProfileRow

@@ -51,13 +51,26 @@ class _Target:
         props[name] = value
 
 
+def _room_for(t: _Target, values: Props) -> bool:
+    """Whether every one of these names can be added: then no `put` would refuse one."""
+    return len(t.props) + len(values) <= t.max_properties
+
+
 def op_set(t: _Target, values: Props) -> None:
+    if _room_for(t, values):
+        t.props.update(values)
+        return
     for name, value in values.items():
         t.put("$set", name, value)
 
 
 def op_set_once(t: _Target, values: Props) -> None:
     props = t.props
+    if _room_for(t, values):
+        for name, value in values.items():
+            if name not in props:
+                props[name] = value
+        return
     for name, value in values.items():
         if name not in props:
             t.put("$set_once", name, value)
@@ -65,6 +78,7 @@ def op_set_once(t: _Target, values: Props) -> None:
 
 def op_add(t: _Target, values: dict[str, int | float]) -> None:
     props = t.props
+    room = _room_for(t, values)
     for name, delta in values.items():
         current = props.get(name, 0)
         if not is_number(current):
@@ -75,7 +89,10 @@ def op_add(t: _Target, values: dict[str, int | float]) -> None:
         except ValueTooLarge:
             t.skip(f"$add.{name}", "result out of range")
             continue
-        t.put("$add", name, total)
+        if room:
+            props[name] = total
+        else:
+            t.put("$add", name, total)
 
 
 def _as_list(current: Any) -> list[Any]:
