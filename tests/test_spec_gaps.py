@@ -6,12 +6,14 @@ Each test names the SPEC section it checks.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 
 from peoplebase.app import PeoplebaseApp
 from peoplebase.importer import import_lines
@@ -75,13 +77,44 @@ async def test_img_is_a_one_by_one_transparent_gif(client: AppClient) -> None:
 # --- §7 durability --------------------------------------------------------------------------------
 
 
-async def test_default_sqlite_commits_with_synchronous_full(client: AppClient) -> None:
-    """§7: a 200/`1` means committed and fsync'd (`synchronous=FULL`) unless opted out."""
-    assert await send(client, rec("d", **{"$set": {"a": 1}})) == "1"
-    store = client.app.store
-    assert isinstance(store, SqliteStore)
-    writer = store._writer()  # the connection the writer thread commits on
-    assert writer.execute("PRAGMA synchronous").fetchall() == [(2,)]  # 2 = FULL
+async def test_default_sqlite_commits_with_synchronous_full(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§7: a 200/`1` means committed and fsync'd (`synchronous=FULL`) unless opted out. The
+    write connection commits with NORMAL and the store fsyncs the WAL itself after the
+    COMMIT, before the answer (store/sqlite_write.py, Committer). With the writer thread, so
+    that the commit happens in this process, where os.fsync is watched."""
+    assert Settings().synchronous == "full"  # the default
+    app = PeoplebaseApp(Settings(db=str(tmp_path / "d.db"), tokens="open", writer="thread"))
+    app.startup()
+    client = AppClient(app)
+    try:
+        store = app.store
+        assert isinstance(store, SqliteStore)
+        assert store.synchronous == "FULL"
+        assert await send(client, rec("warm", **{"$set": {"a": 0}})) == "1"
+        events: list[str] = []
+        real_fsync = os.fsync
+        wal = os.stat(store.path + "-wal").st_ino
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            if os.fstat(fd).st_ino == wal:
+                events.append("fsync")
+
+        def on_commit() -> bool:
+            events.append("commit")
+            return False
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        store._writer().set_commit_hook(on_commit)
+        assert await send(client, rec("d", **{"$set": {"a": 1}})) == "1"
+        events.append("answered")
+        # the group's COMMIT, then the WAL's fsync, and only then the answer
+        assert events[events.index("commit") :] == ["commit", "fsync", "answered"]
+    finally:
+        await client.http.aclose()
+        app.shutdown()
 
 
 # --- §4 reorder window (default 7 days) and its counts ---------------------------------------------

@@ -4,8 +4,8 @@ What the pipeline changes must be invisible: a store that is handed group after 
 waiting (`send_group`, with or without the next group's requests known ahead) writes byte for
 byte the same rows, and gives the same outcomes, as one that commits each group before the
 next is merged. A group merged onto a state that then did not become the file's (a COMMIT
-that failed, another connection's commit) is merged again. The WAL stays bounded while the
-checkpoints run beside the commits.
+that failed, another connection's commit) is merged again. The WAL is fsync'd after the
+COMMIT, outside the write lock, and a failed fsync is never answered 200.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from peoplebase.store import SqliteStore, sqlite_write
-from peoplebase.store.sqlite_write import Checkpointer, Group
+from peoplebase.store.sqlite_write import Group
 from tests.test_merge import (
     TOKEN,
     Groups,
@@ -270,69 +270,6 @@ def test_groups_known_ahead_read_no_log_late(tmp_path: Path) -> None:
         store.close()
 
 
-# --- the checkpointer -------------------------------------------------------------------------
-
-
-def _fill(store: SqliteStore, groups: int, start: int = 0) -> None:
-    for g in range(groups):
-        batch = [rec(start + g, did=f"p{i}", set={"v": "x" * 200, "g": g}) for i in range(60)]
-        store.write_group(to_updates([batch]))
-
-
-def wal_pages(path: Path) -> int:
-    wal = Path(str(path) + "-wal")
-    return (wal.stat().st_size - 32) // (8192 + 24) if wal.exists() else 0
-
-
-def test_checkpoints_run_beside_the_commits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the same writes without checkpoints (a threshold never reached), then with them: the
-    # WAL starts over after each checkpoint, so it never grows to what all commits wrote
-    monkeypatch.setattr(Checkpointer, "HARD_LIMIT", 10**9)
-    monkeypatch.setattr(Checkpointer, "THRESHOLD", 10**9)
-    unchecked = open_store(tmp_path / "u.db")
-    try:
-        _fill(unchecked, 300)
-        everything = wal_pages(tmp_path / "u.db")
-    finally:
-        unchecked.close()
-    monkeypatch.setattr(Checkpointer, "THRESHOLD", 200)
-    path = tmp_path / "c.db"
-    store = open_store(path)
-    try:
-        _fill(store, 300)
-        checkpointer = store._checkpointer
-        assert checkpointer is not None
-        assert checkpointer.checkpoints > 0
-        assert wal_pages(path) < everything / 3
-        conn = apsw.Connection(str(path))
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert conn.execute("SELECT count(*) FROM profiles").fetchall() == [(60,)]
-        conn.close()
-    finally:
-        store.close()
-
-
-def test_a_checkpointer_that_falls_behind_is_caught_up_by_the_writer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(Checkpointer, "THRESHOLD", 40)
-    monkeypatch.setattr(Checkpointer, "HARD_LIMIT", 200)
-    monkeypatch.setattr(Checkpointer, "_run", lambda self: None)  # a thread that never copies
-    path = tmp_path / "c.db"
-    store = open_store(path)
-    try:
-        _fill(store, 400)
-        assert store._checkpointer is not None and store._checkpointer.checkpoints == 0
-        # bounded by the hard limit, plus the group that crossed it and the one that caught
-        # up (400 groups write about 20,000 pages in all)
-        assert wal_pages(path) < 3 * 200
-        assert dict(store.get_profiles(1, ["p7"]))["p7"]["g"] == 399
-    finally:
-        store.close()
-
-
 # --- the writer thread pipelines too --------------------------------------------------------
 
 
@@ -370,5 +307,58 @@ def test_the_thread_writer_keeps_arrival_order_across_groups_in_flight(tmp_path:
         [(_, props)] = store.get_profiles(project.id, ["p"])
         assert props["seq"] == list(range(200))
         assert store.pipeline.overlapped > 0
+        # the writer told the store of the next group: its profiles were read ahead
+        assert store.pipeline.preloaded > 0
+    finally:
+        store.close()
+
+
+# --- the WAL's fsync, after the COMMIT and outside the write lock -------------------------
+
+
+def test_a_failed_fsync_answers_503_and_the_next_group_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from peoplebase.store import StoreUnavailable
+
+    path = tmp_path / "f.db"
+    store = SqliteStore(str(path))  # synchronous=full: the store fsyncs the WAL itself
+    store.open()
+    try:
+        store.write_group(to_updates([[rec(1, add={"n": 1})]]))
+        slow_commits(store, 0.02)
+        real_fsync = os.fsync
+        failures = [1]
+
+        def fsync(fd: int) -> None:
+            if failures and os.fstat(fd).st_ino == os.stat(str(path) + "-wal").st_ino:
+                failures.pop()
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        faulty = store.send_group(to_updates([[rec(2, add={"n": 10})]]))
+        behind = store.send_group(to_updates([[rec(3, add={"n": 100})]]))
+        with pytest.raises(StoreUnavailable, match="fsync"):
+            store.await_group(faulty)
+        # the group behind it is either rolled back unanswered (it was written before the
+        # fault was known) or written after the store recovered (after it)
+        try:
+            store.await_group(behind)
+            behind_applied = True
+        except StoreUnavailable:
+            behind_applied = False
+        # the next group copies what is committed into the file first, then goes on
+        store.write_group(to_updates([[rec(4, add={"n": 1000})]]))
+        assert store._faulted is None
+        # the faulty group's COMMIT had happened (only its fsync failed), and nothing else
+        # was lost or applied twice
+        assert read(store, "a", TOKEN)["n"] == 1011 + 100 * behind_applied
+        conn = apsw.Connection(str(path))
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        conn.close()
     finally:
         store.close()

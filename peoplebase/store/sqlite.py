@@ -2,15 +2,15 @@
 
 Writes come through `send_group` / `await_group` (or `write_group`, both at once), which the
 writer calls with every request it took from the queue: they share one `BEGIN IMMEDIATE …
-COMMIT` (group commit) and, with `synchronous=FULL`, one fsync. The COMMIT runs on a thread
-of its own while the next group is merged, and the WAL is copied into the file by another
-(sqlite_write.py). Reads use their own connection per thread and never block the writer
+COMMIT` (group commit) and, with `synchronous=FULL`, one fsync. The COMMIT and the fsync run
+on a thread of their own while the next group is merged (sqlite_write.py). Reads use their own connection per thread and never block the writer
 (WAL).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -45,7 +45,6 @@ from .base import (
 )
 from .rowcache import DEFAULT_LOG_CACHE, RowCache
 from .sqlite_write import (
-    Checkpointer,
     Committer,
     Group,
     GroupBackend,
@@ -117,7 +116,6 @@ class SqliteStore:
         self._merge_conn: apsw.Connection | None = None
         self._reopen_merge_conn = False
         self._committer: Committer | None = None
-        self._checkpointer: Checkpointer | None = None
         self._inflight: Group | None = None  # the last group handed to the committer
         # the next group's requests, and their profiles read in the previous transaction
         self._preloaded: tuple[Sequence[Sequence[Update]], GroupBackend, Loaded] | None = None
@@ -127,6 +125,10 @@ class SqliteStore:
         self._dv: int | None = None
         self._next_optimize = 0.0
         self.pipeline = PipelineStats()
+        self._wal_path = str(Path(path).expanduser().resolve()) + "-wal"
+        self._wal_fd: int | None = None
+        self._sync_lock = threading.Lock()
+        self._faulted: BaseException | None = None  # a failed WAL fsync, until _recover
         # busy profiles' committed rows and decoded logs, kept between groups (rowcache.py)
         self.row_cache = RowCache(log_cache)
         # Set by the server with `--writer process`: query-session writes go to the process
@@ -160,9 +162,9 @@ class SqliteStore:
     def _writer(self) -> apsw.Connection:
         if self._write_conn is None:
             self._write_conn = self._connect()
-            if self._checkpointer is not None:
-                # the checkpointer thread copies the WAL into the file, not this connection
-                self._write_conn.set_wal_hook(self._checkpointer.wal_hook)
+            if self.synchronous == "FULL":
+                # the WAL is fsync'd by _sync_wal after each commit, outside the write lock
+                self._write_conn.execute("PRAGMA synchronous = NORMAL")
         return self._write_conn
 
     def open(self) -> None:
@@ -179,7 +181,7 @@ class SqliteStore:
         if names is not None:
             self.indexed_properties = tuple(indexes.check_name(n) for n in names)
         wanted = {indexes.sqlite_index_name(n): n for n in self.indexed_properties}
-        with self._write_lock, self._writer() as conn:
+        with self._write_tx() as conn:
             existing = {
                 str(name)
                 for (name,) in conn.execute(
@@ -216,6 +218,7 @@ class SqliteStore:
                     conn.execute(f"PRAGMA user_version = {int(version)}")  # sql: reviewed: int
                 applied = version
                 log.info("applied migration %04d to %s", version, self.path)
+                self._sync_wal()
             self._seq = max(
                 self._seq, int(_one(conn, "SELECT value FROM counters WHERE name = 'seq'"))
             )
@@ -237,6 +240,67 @@ class SqliteStore:
             except apsw.Error as exc:
                 log.warning("closing the write connection after a storage fault: %s", exc)
 
+    def _sync_wal(self) -> None:
+        """fsync the WAL file: what `synchronous=FULL` does inside each COMMIT, done after it
+        (the write connection commits with NORMAL). Called after every commit on the write
+        connection; a failure leaves the store faulted until `_recover` succeeds."""
+        if self.synchronous != "FULL":
+            return
+        with self._sync_lock:
+            if self._faulted is not None:
+                raise StoreUnavailable(f"storage fault: {self._faulted}")
+            try:
+                status = os.stat(self._wal_path)
+                fd = self._wal_fd
+                if fd is None or os.fstat(fd).st_ino != status.st_ino:
+                    if fd is not None:
+                        os.close(fd)
+                    self._wal_fd = None
+                    fd = os.open(self._wal_path, os.O_RDONLY)
+                    self._wal_fd = fd
+                    # a new WAL file: its directory entry must survive a power loss too
+                    directory = os.open(os.path.dirname(self._wal_path) or ".", os.O_RDONLY)
+                    try:
+                        os.fsync(directory)
+                    finally:
+                        os.close(directory)
+                os.fsync(fd)
+            except OSError as exc:
+                self._faulted = exc
+                log.error("fsync of %s failed: %s", self._wal_path, exc)
+                raise StoreUnavailable(f"fsync of the WAL failed: {exc}") from exc
+
+    def _recover(self, conn: apsw.Connection) -> None:
+        """After a failed fsync: copy what is committed into the database file and fsync it
+        (a checkpoint), so nothing written after the fault depends on frames that may be
+        lost. Raises StoreUnavailable while that fails (the write lock is held)."""
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+            busy = _one(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except apsw.Error as exc:
+            raise StoreUnavailable(f"storage fault: {exc}") from exc
+        if busy:
+            raise StoreUnavailable(f"storage fault: {self._faulted} (checkpoint busy)")
+        with self._sync_lock:
+            self._faulted = None
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+        log.warning("storage fault cleared: the WAL is copied into %s and synced", self.path)
+
+    @contextmanager
+    def _write_tx(self) -> Iterator[apsw.Connection]:
+        """The write connection in a transaction of its own (not a group's): committed on
+        exit, and as durable as a group's before this returns."""
+        with self._write_lock:
+            conn = self._writer()
+            if self._faulted is not None:
+                self._recover(conn)
+            with conn:
+                yield conn
+            self._sync_wal()
+
     def _merge_reader(self) -> apsw.Connection:
         """The read-only connection groups are merged through (under the merge lock)."""
         if self._merge_conn is None:
@@ -250,13 +314,13 @@ class SqliteStore:
             if self._committer is not None:
                 self._committer.stop()
                 self._committer = None
-            if self._checkpointer is not None:
-                self._checkpointer.stop()
-                self._checkpointer = None
             for conn in (self._write_conn, self._merge_conn):
                 if conn is not None:
                     conn.close()
             self._write_conn = self._merge_conn = None
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -264,8 +328,10 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------
 
-    # The writer (writer.py) keeps two groups in flight: one commits while the next is merged.
+    # The writer (writer.py) keeps two groups in flight: one commits while the next is merged,
+    # and tells send_group of the group after (`upcoming`).
     PIPELINE_DEPTH = 2
+    LOOKAHEAD = True
 
     def write_group(
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
@@ -343,17 +409,9 @@ class SqliteStore:
                 raise
             self._inflight = group
             if self._committer is None:
-                self._start_threads()
-            assert self._committer is not None
+                self._committer = Committer(self)
             self._committer.commit(group)  # releases the write lock after COMMIT
             return group
-
-    def _start_threads(self) -> None:
-        """The committer and checkpointer threads, started by the first group."""
-        self._committer = Committer(self)
-        self._checkpointer = Checkpointer(self._connect)
-        if self._write_conn is not None:
-            self._write_conn.set_wal_hook(self._checkpointer.wal_hook)
 
     def _write(
         self,
@@ -372,12 +430,9 @@ class SqliteStore:
         stale = previous is not None and (previous.error is not None or previous.written is None)
         try:
             conn = self._writer()
-            checkpointer = self._checkpointer
-            if checkpointer is not None and checkpointer.due_inline:
-                # copy what the background checkpoint left, so this transaction starts the
-                # WAL over (or catch up, should the background checkpoints fall behind)
-                checkpointer.due_inline = False
-                conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            if self._faulted is not None:
+                stale = True
+                self._recover(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = _one(conn, "PRAGMA data_version")
@@ -452,6 +507,8 @@ class SqliteStore:
         conn = self._write_conn
         assert conn is not None
         try:
+            if self._faulted is not None:  # a WAL fsync failed: nothing more is committed
+                raise StoreUnavailable(f"storage fault: {self._faulted}")
             conn.execute("COMMIT")
         except BaseException:
             self._dv = None  # the next group starts from the file
@@ -505,6 +562,7 @@ class SqliteStore:
             conn = self._writer()
             conn.execute("PRAGMA analysis_limit = 400")
             conn.execute("ANALYZE")
+            self._sync_wal()
             self._next_optimize = time.monotonic() + self.OPTIMIZE_EVERY
 
     # --- projects -------------------------------------------------------------------------
@@ -515,7 +573,7 @@ class SqliteStore:
 
     def create_project(self, token: str, name: str = "") -> tuple[Project, str]:
         secret = new_secret()
-        with self._write_lock, self._writer() as conn:
+        with self._write_tx() as conn:
             try:
                 conn.execute(
                     "INSERT INTO projects (token, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
@@ -529,7 +587,7 @@ class SqliteStore:
 
     def rotate_secret(self, token: str) -> tuple[Project, str]:
         secret = new_secret()
-        with self._write_lock, self._writer() as conn:
+        with self._write_tx() as conn:
             conn.execute(
                 "UPDATE projects SET secret_hash = ? WHERE token = ?", (hash_secret(secret), token)
             )
@@ -784,7 +842,7 @@ class SqliteStore:
             self.session_writer(sql, rows)
             return
         try:
-            with self._write_lock, self._writer() as conn:
+            with self._write_tx() as conn:
                 conn.executemany(sql, rows)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(str(exc)) from exc
@@ -857,7 +915,7 @@ class SqliteStore:
                 raise UnknownProject(f"no project with id {pid}")
         username, secret = new_service_account_credentials(name)
         now = time.time()
-        with self._write_lock, self._writer() as conn:
+        with self._write_tx() as conn:
             conn.execute(
                 "INSERT INTO service_accounts (username, name, secret_hash, created_at) "
                 "VALUES (?, ?, ?, ?)",

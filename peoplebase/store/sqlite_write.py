@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -435,16 +435,15 @@ class GroupBackend:
             )
 
 
-def remember(cache: RowCache, written: dict[Key, Written], skip: Iterable[Key] = ()) -> None:
+def remember(cache: RowCache, written: dict[Key, Written], skip: Container[Key] = ()) -> None:
     """After a group committed: keep its busy profiles' logs for later groups.
 
     `skip` are the profiles the next group read from `written`: that group hands them on.
     """
     if not cache.budget:
         return
-    skipped = set(skip)
     for key, state in written.items():
-        if state.log is None or key in skipped:
+        if state.log is None or key in skip:
             continue
         cache.put(
             key, Cached(state.row, state.tail, state.tail_n, state.chunks, state.log, state.keys)
@@ -465,7 +464,16 @@ class Group:
 
 
 class Committer:
-    """The thread that runs each group's COMMIT, then releases the store's write lock."""
+    """The thread that runs each group's COMMIT, then releases the store's write lock.
+
+    With `synchronous=full` the write connection commits with `synchronous=NORMAL` (the WAL
+    is not fsync'd inside COMMIT) and this thread fsyncs the WAL file itself after releasing
+    the lock, before the group is answered: the next group is written during that fsync.
+    An answered group is as durable as with SQLite's FULL: its frames were in the file
+    before the fsync began. A failed fsync leaves the store faulted: the groups behind it
+    are rolled back unanswered, and the next group first makes what is committed durable
+    (SqliteStore._recover).
+    """
 
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
@@ -486,71 +494,17 @@ class Committer:
             group = self._queue.get()
             if group is None:
                 return
+            store = self.store
             try:
-                self.store._finish_commit(group)
+                store._finish_commit(group)
             except BaseException as exc:  # reported by await_group
                 group.error = exc
-            finally:
-                self.store._write_lock.release()
+                store._write_lock.release()
                 group.done.set()
-
-
-class Checkpointer:
-    """The thread that copies the WAL into the database file, on its own connection.
-
-    SQLite checkpoints at the end of the COMMIT that fills the WAL past a threshold, and that
-    COMMIT then takes as long as copying thousands of pages and an fsync of the database
-    file, with the write lock held. Here the write connection's WAL hook only wakes this
-    thread, whose passive checkpoint copies nearly all of the WAL beside the commits. The
-    WAL can start over from its beginning only once all of it is copied, and commits keep
-    adding to it: so the next group, before it begins, copies the few pages committed
-    meanwhile with a restarting checkpoint on the write connection (`due_inline`), which
-    lets its own transaction write the WAL from the start. Should the background
-    checkpoints fall behind by `HARD_LIMIT` pages, the next group does the same.
-    """
-
-    THRESHOLD = 10_000  # WAL pages that wake the thread (SQLite's autocheckpoint setting)
-    HARD_LIMIT = 8 * THRESHOLD
-
-    def __init__(self, connect: Any) -> None:
-        self._connect = connect
-        self._wake = threading.Event()
-        self._stopping = False
-        self.due_inline = False
-        self.checkpoints = 0
-        self._worker = threading.Thread(target=self._run, name="peoplebase-checkpoint", daemon=True)
-        self._worker.start()
-
-    def wal_hook(self, conn: apsw.Connection, name: str, pages: int) -> int:
-        """The write connection's WAL hook: called after each commit with the WAL's size."""
-        if pages >= self.THRESHOLD:
-            self._wake.set()
-            if pages >= self.HARD_LIMIT:
-                self.due_inline = True
-        return apsw.SQLITE_OK
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._worker.join()
-
-    def _run(self) -> None:
-        conn: apsw.Connection | None = None
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stopping:
-                break
+                continue
+            store._write_lock.release()
             try:
-                if conn is None:
-                    conn = self._connect()
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self.checkpoints += 1
-                self.due_inline = True  # the rest, and the start over, by the next group
-            except apsw.Error as exc:  # the next commit wakes it again
-                log.warning("background checkpoint failed: %s", exc)
-                if conn is not None:
-                    conn.close()
-                    conn = None
-        if conn is not None:
-            conn.close()
+                store._sync_wal()
+            except BaseException as exc:
+                group.error = exc
+            group.done.set()
