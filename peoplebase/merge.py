@@ -164,10 +164,9 @@ def fold(
     """
     props = dict(base) if base is not None else None
     for entry in sorted(entries, key=LOG_ORDER):
-        entry.update.time = entry.time
-        props = apply_update(
+        props = apply_update(  # the entry holds what is applied: no Update is made of it
             props,
-            entry.update,
+            entry,
             max_properties,
             watch.get(entry.seq) if watch else None,
             in_place=props is not None,
@@ -215,7 +214,7 @@ def refold_touched(
         if geo:
             everything.update(geo)
         if entry.seq in changed:
-            names |= touched(entry.update) or set()
+            names |= touched(entry) or set()
             last_seen = last_seen or not entry.ignore_time
             for op in ("$add", "$union", "$append"):
                 risky.update(ops.get(op, ()))
@@ -254,12 +253,15 @@ def refold_touched(
         if pending is not None:
             sub["$last_seen"] = format_time(pending)
             pending = None
-        u = entry.update
-        u.time = entry.time
-        keys = touched(u) or set()
+        keys = touched(entry) or set()
+        if keys <= names:
+            applied: LogEntry | Update = entry
+        else:
+            applied = restricted(entry.update, names)
+            applied.time = entry.time
         apply_update(
             sub,
-            u if keys <= names else restricted(u, names),
+            applied,
             max_properties,
             watch.get(entry.seq) if watch else None,
             in_place=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time as _time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .types import GEO_PROPERTIES, Props, Skip, Update
 from .values import ValueTooLarge, clean_number, composite_too_large, is_number, value_key
@@ -161,9 +161,25 @@ OPERATIONS: dict[str, Callable[[_Target, Any], None]] = {
 _NON_CREATING = frozenset({"$remove", "$unset"})
 
 
+class Applicable(Protocol):
+    """What applying an update reads of it: an `Update`, or a log entry being replayed."""
+
+    @property
+    def ops(self) -> dict[str, Any]: ...
+
+    @property
+    def ignore_time(self) -> bool: ...
+
+    @property
+    def geo(self) -> Props | None: ...
+
+    @property
+    def time(self) -> float: ...
+
+
 def apply_update(
     profile: Props | None,
-    update: Update,
+    update: Applicable,
     max_properties: int = DEFAULT_MAX_PROPERTIES,
     skips: list[Skip] | None = None,
     in_place: bool = False,
@@ -201,7 +217,7 @@ def creates(ops: dict[str, Any]) -> bool:
     return "$delete" not in ops and not all(op in _NON_CREATING for op in ops)
 
 
-def touched(update: Update) -> set[str] | None:
+def touched(update: Applicable) -> set[str] | None:
     """The properties an update may change, `$last_seen` aside; None for a $delete."""
     ops = update.ops
     if "$delete" in ops:
