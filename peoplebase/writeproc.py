@@ -165,10 +165,13 @@ class ProcessWriteStore:
     Groups can be pipelined: `send_group` sends a group and returns a ticket, `await_group`
     waits for that group's answer. The child commits groups in the order they were sent and
     answers in that order, so while it commits one group the server can already pickle and
-    send the next (writer.py runs two writer threads for this).
+    send the next (writer.py runs PIPELINE_DEPTH writer threads for this).
     """
 
-    PIPELINE_DEPTH = 2
+    # Groups in flight: one committing in the child, one being merged there, and the next
+    # already in the pipe, so the child can read its profiles ahead. Measured side by side
+    # (b50, 16 connections): 2 in flight 22.4-23.4k records/s, 3 24.4-26.8k, 4 24.5-24.9k.
+    PIPELINE_DEPTH = 3
 
     def __init__(self, db: str, **store_kwargs: Any) -> None:
         self.db = db

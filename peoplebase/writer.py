@@ -1,8 +1,11 @@
 """Group commit: a writer thread takes every request waiting in the queue, merges them in one
 transaction, and answers each only after that transaction is durably committed.
 
-With the writer process (writeproc.py) the transaction runs in the child, and two writer
-threads keep two groups in flight: one commits while the next is sent, in queue order.
+A store that pipelines (`send_group` / `await_group`: SQLite, and the writer process of
+writeproc.py) gets PIPELINE_DEPTH writer threads, so that several groups are in flight, sent
+in queue order: one commits while the next is merged. A store with LOOKAHEAD is also told of
+the group after the one it is writing, taken from the queue early, so that it can read that
+group's profiles in the transaction before (SqliteStore).
 
 The queue is bounded by records: `submit` raises `Overloaded` instead of letting it grow,
 and the HTTP layer turns that into 503 + Retry-After.

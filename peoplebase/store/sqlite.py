@@ -328,8 +328,8 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------
 
-    # The writer (writer.py) keeps two groups in flight: one commits while the next is merged,
-    # and tells send_group of the group after (`upcoming`).
+    # The writer (writer.py) keeps two groups in flight, one committing while the next is
+    # merged, and tells send_group of the group after (`upcoming`).
     PIPELINE_DEPTH = 2
     LOOKAHEAD = True
 
@@ -399,11 +399,14 @@ class SqliteStore:
                     previous.written = None
                     self.row_cache.clear()
                     raise
+            # the next group, if it is there already: asked now, while the previous COMMIT
+            # runs, since getting it may take a while (the writer process unpickles it)
+            following = self._ask(upcoming) if upcoming is not None else None
             self._write_lock.acquire()  # free once the previous group's COMMIT has ended
             try:
                 self._write(group, previous, backend, loaded, merged)
-                if upcoming is not None:
-                    self._preload(group, upcoming)
+                if following:
+                    self._preload(group, following)
             except BaseException:
                 self._write_lock.release()
                 raise
@@ -474,18 +477,21 @@ class SqliteStore:
         group.written = backend.written
         group.created_ids = backend.created_ids
 
-    def _preload(
-        self, group: Group, upcoming: Callable[[], Sequence[Sequence[Update]] | None]
-    ) -> None:
+    @staticmethod
+    def _ask(
+        upcoming: Callable[[], Sequence[Sequence[Update]] | None],
+    ) -> Sequence[Sequence[Update]] | None:
+        try:
+            return upcoming()
+        except Exception:  # the caller's: this group goes on without it
+            log.exception("reading the next group ahead failed")
+            return None
+
+    def _preload(self, group: Group, requests: Sequence[Sequence[Update]]) -> None:
         """Read the next group's profiles (and the logs it may need) in this group's
         transaction, which shows what this group wrote, through the connection whose page
         cache holds those pages. The next group is then merged while this one commits."""
-        try:
-            requests = upcoming()
-        except Exception:  # the caller's: this group goes on without it
-            log.exception("reading the next group ahead failed")
-            return
-        if not requests or group.written is None:
+        if group.written is None:
             return
         known = self._token_ids
         if any(u.token not in known for updates in requests for u in updates):
