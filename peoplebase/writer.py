@@ -1,11 +1,9 @@
 """Group commit: a writer thread takes every request waiting in the queue, merges them in one
 transaction, and answers each only after that transaction is durably committed.
 
-A store that pipelines (`send_group` / `await_group`: SQLite, and the writer process of
-writeproc.py) gets PIPELINE_DEPTH writer threads, so that several groups are in flight, sent
-in queue order: one commits while the next is merged. A store with LOOKAHEAD is also told of
-the group after the one it is writing, taken from the queue early, so that it can read that
-group's profiles in the transaction before (SqliteStore).
+A store that pipelines (`send_group` / `await_group` and a PIPELINE_DEPTH over 1: the
+writer process of writeproc.py) gets that many writer threads, so that several groups are in
+flight, sent in queue order: one commits while the next is merged.
 
 The queue is bounded by records: `submit` raises `Overloaded` instead of letting it grow,
 and the HTTP layer turns that into 503 + Retry-After.
@@ -75,13 +73,10 @@ class Writer:
         self._queued_records = 0
         self._cond = threading.Condition()
         self._stopping = False
-        # A store that can pipeline (the writer process) gets a second writer thread: one
-        # group is sent while the previous one commits. Taking a group and sending it happen
-        # under one lock, so groups reach the store in the order they were taken.
-        self._pipelined = hasattr(store, "send_group")
-        # a store that reads the next group's profiles early is told of it (SqliteStore)
-        self._lookahead = bool(getattr(store, "LOOKAHEAD", False))
-        self._ahead: tuple[list[_Job], list[Sequence[Update]]] | None = None
+        # A store that pipelines (the writer process) gets PIPELINE_DEPTH writer threads: the
+        # next group is sent while the previous ones commit. Taking a group and sending it
+        # happen under one lock, so groups reach the store in the order they were taken.
+        self._pipelined = hasattr(store, "send_group") and getattr(store, "PIPELINE_DEPTH", 1) > 1
         depth = int(getattr(store, "PIPELINE_DEPTH", 1)) if self._pipelined else 1
         self._send_lock = threading.Lock()
         self._last_done = 0.0
@@ -135,9 +130,6 @@ class Writer:
 
     def _take(self) -> list[_Job] | None:
         with self._cond:
-            if self._ahead is not None:  # taken already, for the store to read ahead
-                jobs = self._ahead[0]
-                return jobs
             while not self._queue:
                 if self._stopping and not self._counts:
                     return None
@@ -145,29 +137,16 @@ class Writer:
                     return []  # nothing to write but counts: store them on their own
                 if not self._counts:
                     self._cond.wait()
-            return self._take_queued()
-
-    def _take_queued(self) -> list[_Job]:
-        """The jobs of the next group, from the queue (the condition is held)."""
-        jobs: list[_Job] = []
-        records = 0
-        limit = self._group_limit()
-        while self._queue and (not jobs or records + len(self._queue[0].updates) <= limit):
-            job = self._queue.popleft()
-            jobs.append(job)
-            records += len(job.updates)
-        self._queued_records -= records
-        self._committing += records
-        return jobs
-
-    def _upcoming(self) -> list[Sequence[Update]] | None:
-        """The next group's requests, taken from the queue now, while the store writes the
-        group before: it reads their profiles in that group's transaction (SqliteStore)."""
-        with self._cond:
-            if self._ahead is None and self._queue:
-                jobs = self._take_queued()
-                self._ahead = (jobs, [j.updates for j in jobs])
-            return self._ahead[1] if self._ahead is not None else None
+            jobs: list[_Job] = []
+            records = 0
+            limit = self._group_limit()
+            while self._queue and (not jobs or records + len(self._queue[0].updates) <= limit):
+                job = self._queue.popleft()
+                jobs.append(job)
+                records += len(job.updates)
+            self._queued_records -= records
+            self._committing += records
+            return jobs
 
     def _group_limit(self) -> int:
         """Records for one commit: group_records, and with a wait limit, no more than a
@@ -191,15 +170,8 @@ class Writer:
                 self._committing -= sum(len(j.updates) for j in jobs)
 
     def _send(self, jobs: list[_Job], counts: dict[tuple[str, str], int]) -> Any:
-        requests: list[Sequence[Update]] = [j.updates for j in jobs]
-        with self._cond:
-            if self._ahead is not None and self._ahead[0] is jobs:
-                requests = self._ahead[1]  # the very list the store was told of
-                self._ahead = None
         try:
-            if self._lookahead:
-                return self.store.send_group(requests, counts, self._upcoming)  # type: ignore[attr-defined]
-            return self.store.send_group(requests, counts)  # type: ignore[attr-defined]
+            return self.store.send_group([j.updates for j in jobs], counts)  # type: ignore[attr-defined]
         except Exception as exc:  # raised again by _commit, with the usual handling
             return exc
 

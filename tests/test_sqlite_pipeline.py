@@ -270,19 +270,20 @@ def test_groups_known_ahead_read_no_log_late(tmp_path: Path) -> None:
         store.close()
 
 
-# --- the writer thread pipelines too --------------------------------------------------------
+# --- the writer thread commits group by group -----------------------------------------------
 
 
-def test_the_thread_writer_keeps_arrival_order_across_groups_in_flight(tmp_path: Path) -> None:
+def test_the_thread_writer_commits_group_by_group_in_arrival_order(tmp_path: Path) -> None:
+    # in the server process the merge would compete with HTTP for the interpreter lock: the
+    # writer thread calls write_group, which commits before the next group is merged
     import asyncio
 
     from peoplebase.records import Validator
     from peoplebase.writer import Writer
 
     store = open_store(tmp_path / "w.db")
-    slow_commits(store, 0.003)
     writer = Writer(store, group_records=5, max_wait=0.0)
-    assert len(writer._threads) == SqliteStore.PIPELINE_DEPTH == 2
+    assert len(writer._threads) == SqliteStore.PIPELINE_DEPTH == 1
     validator = Validator()
     t = 1_700_000_000.0
 
@@ -306,9 +307,8 @@ def test_the_thread_writer_keeps_arrival_order_across_groups_in_flight(tmp_path:
         assert project is not None
         [(_, props)] = store.get_profiles(project.id, ["p"])
         assert props["seq"] == list(range(200))
-        assert store.pipeline.overlapped > 0
-        # the writer told the store of the next group: its profiles were read ahead
-        assert store.pipeline.preloaded > 0
+        assert writer.commits >= 40
+        assert store.pipeline.overlapped == 0 and store._committer is None
     finally:
         store.close()
 

@@ -50,6 +50,7 @@ from .sqlite_write import (
     GroupBackend,
     NeedsSerial,
     PipelineStats,
+    finish,
     read_log,
     remember,
 )
@@ -328,10 +329,11 @@ class SqliteStore:
 
     # --- writes ---------------------------------------------------------------------------
 
-    # The writer (writer.py) keeps two groups in flight, one committing while the next is
-    # merged, and tells send_group of the group after (`upcoming`).
-    PIPELINE_DEPTH = 2
-    LOOKAHEAD = True
+    # In the server process (`--writer thread`) the writer calls write_group: merging the
+    # next group during a COMMIT only adds contention for the interpreter lock there, which
+    # HTTP parsing and validation hold too (measured slower at b2000, BENCHMARKS.md). The
+    # writer process pipelines with send_group (writeproc.py), and tells it of the next group.
+    PIPELINE_DEPTH = 1
 
     def write_group(
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
@@ -340,15 +342,17 @@ class SqliteStore:
         StoreUnavailable on storage faults.
 
         `counts` (outcome counts by project token) are stored in the same transaction, with
-        the counts of this group's own outcomes added.
+        the counts of this group's own outcomes added. The COMMIT runs on the calling thread:
+        nothing is merged meanwhile (`send_group` pipelines).
         """
-        return self.await_group(self.send_group(requests, counts))
+        return self.await_group(self.send_group(requests, counts, inline=True))
 
     def send_group(
         self,
         requests: Sequence[Sequence[Update]],
         counts: dict[tuple[str, str], int] | None = None,
         upcoming: Callable[[], Sequence[Sequence[Update]] | None] | None = None,
+        inline: bool = False,
     ) -> Group:
         """Merge and write a group, and hand its COMMIT to the committer thread.
 
@@ -411,6 +415,9 @@ class SqliteStore:
                 self._write_lock.release()
                 raise
             self._inflight = group
+            if inline:
+                finish(self, group)
+                return group
             if self._committer is None:
                 self._committer = Committer(self)
             self._committer.commit(group)  # releases the write lock after COMMIT

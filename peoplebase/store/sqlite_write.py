@@ -494,17 +494,22 @@ class Committer:
             group = self._queue.get()
             if group is None:
                 return
-            store = self.store
-            try:
-                store._finish_commit(group)
-            except BaseException as exc:  # reported by await_group
-                group.error = exc
-                store._write_lock.release()
-                group.done.set()
-                continue
-            store._write_lock.release()
-            try:
-                store._sync_wal()
-            except BaseException as exc:
-                group.error = exc
-            group.done.set()
+            finish(self.store, group)
+
+
+def finish(store: SqliteStore, group: Group) -> None:
+    """COMMIT a written group (the write lock is held), release the lock, fsync the WAL, and
+    mark the group done: on the committer thread, or on the sender's (`write_group`)."""
+    try:
+        store._finish_commit(group)
+    except BaseException as exc:  # reported by await_group
+        group.error = exc
+        store._write_lock.release()
+        group.done.set()
+        return
+    store._write_lock.release()
+    try:
+        store._sync_wal()
+    except BaseException as exc:
+        group.error = exc
+    group.done.set()
