@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,10 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg_pool.base
 import pytest
 
 from peoplebase.app import PeoplebaseApp
 from peoplebase.settings import Settings
+
+# psycopg_pool adds a random jitter to each new connection's lifetime with the `random`
+# module's shared generator, from its worker threads. A PostgreSQL store's read pool that
+# connects while hypothesis draws a test case changes that generator under it, which
+# hypothesis reports as a strategy using `random` (an error here, warnings being errors),
+# and the case as flaky. The pool gets a generator of its own.
+psycopg_pool.base.random = random.Random().random  # type: ignore[attr-defined]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Real SDK requests (tests/golden/sdk-captures/README.md), kept in the repository so the suite
