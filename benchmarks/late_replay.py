@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from peoplebase.records import Validator
-from peoplebase.store.rowcache import DEFAULT_LOG_CACHE
 from peoplebase.store.sqlite import SqliteStore
+from peoplebase.store.writeback import DEFAULT_LOG_CACHE
 from peoplebase.types import Rejection, Update
 
 from .workload import Workload, WorkloadSpec

@@ -271,6 +271,19 @@ def _root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+def store_flags(serve_args: list[str]) -> list[str]:
+    """The flags of `peoplebase serve` that shape the SQLite store, for the storage floor."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--log-cache", "--write-behind", "--held-profiles"):
+        parser.add_argument(flag)
+    known, _ = parser.parse_known_args(serve_args)
+    out = []
+    for name, value in vars(known).items():
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), value]
+    return out
+
+
 def serve_product(opts: Options, db: Path, case: Case) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [
@@ -335,6 +348,7 @@ def run_case(opts: Options, case: Case) -> dict[str, Any]:
             str(warm),
             "--synchronous",
             case.synchronous,
+            *store_flags(case.extra),
         ],  # fmt: skip
         check=True,
         capture_output=True,

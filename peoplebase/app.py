@@ -81,6 +81,8 @@ class PeoplebaseApp:
             "max_properties": settings.max_properties,
             "open_tokens": settings.tokens_open,
             "log_cache": settings.log_cache,
+            "write_behind": settings.write_behind,
+            "held_profiles": settings.held_profiles,
         }
         self.store = store or open_store(settings.db, **store_kwargs)
         # With `--writer process` the merge and the commits run in a child process.
@@ -90,7 +92,11 @@ class PeoplebaseApp:
             else None
         )
         if self.write_process is not None and hasattr(self.store, "session_writer"):
+            # the child holds the write connection and the profiles not written yet: the
+            # server's readers see those through the overlay the child's answers feed
             self.store.session_writer = self.write_process.session_write
+            self.store.syncer = self.write_process.sync  # type: ignore[attr-defined]
+            self.write_process.overlay = self.store.overlay  # type: ignore[attr-defined]
         self.writer = Writer(
             self.write_process or self.store,  # type: ignore[arg-type]
             settings.queue_records,
@@ -120,6 +126,9 @@ class PeoplebaseApp:
 
     def startup(self) -> None:
         self.store.open()
+        catch_up = getattr(self.store, "catch_up", None)
+        if catch_up is not None:  # SQLite: what the journal holds goes into the rows first
+            catch_up()
         sync_indexes = getattr(self.store, "sync_property_indexes", None)
         if sync_indexes is not None:
             sync_indexes(parse_indexed(self.settings.indexed_properties))

@@ -120,6 +120,10 @@ def serve(**options: Any) -> None:
         raise click.BadParameter("must be 0 (no limit) or more", param_hint="--max-log-entries")
     if settings.log_cache < 0:
         raise click.BadParameter("must be 0 (off) or more", param_hint="--log-cache")
+    if settings.write_behind < 0:
+        raise click.BadParameter("must be 0 (write-through) or more", param_hint="--write-behind")
+    if settings.held_profiles < 1:
+        raise click.BadParameter("must be 1 or more", param_hint="--held-profiles")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -239,6 +243,9 @@ def profiles_get(token: str, distinct_id: str, db: str) -> None:
     project = store.project_by_token(token)
     if project is None:
         raise click.ClickException(f"no project with token {token!r}")
+    fresh = getattr(store, "fresh", None)
+    if fresh is not None:  # a server on the file may hold its newest updates in the journal
+        fresh()
     found = store.get_profiles(project.id, [distinct_id])
     if not found:
         raise click.ClickException(f"no profile {distinct_id!r} in project {token!r}")

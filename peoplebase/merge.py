@@ -49,6 +49,9 @@ class ProfileRow:
     # stay within max_log_entries (None: never cut, only the reorder window applies)
     log_floor: float | None = None
     dirty: bool = False
+    # SQLite: the journal id of the group whose updates the stored row holds last (a replay of
+    # the journal skips what the row has already)
+    jid: int = 0
 
 
 @dataclass(slots=True)
@@ -361,11 +364,13 @@ class Merger:
         backend: MergeBackend,
         requests: Sequence[Sequence[Update]],
         loaded: Loaded | None = None,
+        replay: int | None = None,
     ) -> list[Applied]:
         """Merge the updates of several requests (in arrival order) in one transaction.
 
         `loaded` is what `load` returned for these requests on this backend, when the store
-        read the profiles beforehand.
+        read the profiles beforehand. `replay`: the group is a journal row merged again after
+        a restart (the journal id); profiles whose row holds that group already are skipped.
         """
         if loaded is None:
             loaded = self.load(backend, requests)
@@ -376,7 +381,11 @@ class Merger:
         rows = loaded.rows
         touched: list[_Profile] = []
         for key, items in loaded.grouped.items():
-            prof = _Profile(key, rows.get(key) or ProfileRow())
+            row = rows.get(key)
+            if replay is not None and row is not None and row.jid >= replay:
+                seq += len(items)  # the arrival numbers stay those of the first merge
+                continue
+            prof = _Profile(key, row or ProfileRow())
             for r, u in items:
                 self._one(backend, prof, r, u, seq, results[r])
                 seq += 1

@@ -76,6 +76,23 @@ SETTINGS: tuple[Setting, ...] = (
         "connection's commit to the file clears it. Not used with PostgreSQL.",
     ),
     Setting(
+        "write_behind",
+        1.0,
+        "SQLite: seconds within which the profile row of an acknowledged update is written. A "
+        "group commit makes its updates durable in the journal (one appended row) and writes "
+        "the changed profiles' rows later, in key order, a part with every group, so a busy "
+        "profile's row is written about once per interval however many updates it gets; "
+        "reads see every acknowledged update meanwhile. 0 writes every changed row in the "
+        "commit that acknowledges it. Not used with PostgreSQL.",
+    ),
+    Setting(
+        "held_profiles",
+        100_000,
+        "SQLite: profiles the writer keeps in memory between group commits (those changed "
+        "and not yet written, then the most recently used); past it, rows are written sooner "
+        "and the least recently used written ones are dropped.",
+    ),
+    Setting(
         "time_skew", 60.0, "Seconds a $time may lie in the future before it is clamped to now."
     ),
     Setting("max_records", 2000, "Records per ingestion request; more is rejected with 400."),
@@ -192,6 +209,8 @@ class Settings:
     reorder_window: float = 7 * 86400.0
     max_log_entries: int = 0
     log_cache: int = 100_000
+    write_behind: float = 1.0
+    held_profiles: int = 100_000
     time_skew: float = 60.0
     max_records: int = 2000
     max_body_bytes: int = 10 * 1024 * 1024

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .journal import decode_group, encode_group
+from .store import is_postgres_url
 from .store.base import StoreUnavailable
 from .types import Applied, Update
 from .writer import prefer_quick_handoffs
@@ -37,9 +39,12 @@ FULL_COLLECT_EVERY = 600.0
 def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
     """The writer process: open the store, then commit every group the server sends.
 
-    A store that pipelines (SQLite: `send_group`) merges the next group while the previous
-    one commits; a second thread waits for each commit and answers, in the order the groups
-    came. Every answer goes through that thread, so answers never overtake each other.
+    A group arrives as bytes (journal.encode_group), which a SQLite store with write-behind
+    keeps as the group's journal row as they are. A store that pipelines (SQLite:
+    `send_group`) merges the next group while the previous one commits; a second thread
+    waits for each commit and answers, in the order the groups came. Every answer goes
+    through that thread, so answers never overtake each other. An answer carries what the
+    server's readers must see of the group (store/overlay.py).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -52,6 +57,9 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
     except Exception as exc:  # reported to the server, which refuses to start
         conn.send(("unavailable", f"{type(exc).__name__}: {exc}"))
         return
+    overlay = getattr(store, "overlay", None)
+    if overlay is not None:
+        overlay.enabled = False  # the server process's readers keep it
     conn.send(("ready", None))
     collector = Collector()
     answers: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
@@ -60,7 +68,8 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
     )
     responder.start()
     pipelined = hasattr(store, "send_group")
-    ahead: list[Any] = []  # a message read early, to let the store read its profiles sooner
+    # a message read early (with its group decoded), to let the store read its profiles sooner
+    ahead: list[tuple[Any, Any]] = []
 
     def upcoming() -> Any:
         """The next group's requests, if the server has sent them already."""
@@ -68,16 +77,23 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
             try:
                 if not conn.poll():
                     return None
-                ahead.append(conn.recv())
+                message = conn.recv()
             except (EOFError, OSError):
-                ahead.append(None)
-        message = ahead[0]
-        return message[1] if message is not None and message[0] == "group" else None
+                message = None
+            requests = None
+            if message is not None and message[0] == "group":
+                try:
+                    requests = decode_group(message[1])
+                except ValueError:
+                    requests = None  # answered as an error in its turn
+            ahead.append((message, requests))
+        return ahead[0][1]
 
     try:
         while True:
+            requests = None
             if ahead:
-                message = ahead.pop()
+                message, requests = ahead.pop()
             else:
                 try:
                     message = conn.recv()
@@ -89,13 +105,22 @@ def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
             try:
                 if kind == "session":  # a query session's rows, written for the server
                     store._session_write(first, second)  # type: ignore[attr-defined]
-                    answers.put(("reply", ("ok", None)))
+                    answers.put(("reply", ("ok", (None, None))))
                     continue
+                if kind in ("sync", "idle"):  # write profile rows now, for the server's reads
+                    if kind == "sync":
+                        delta = store.sync() if hasattr(store, "sync") else None
+                    else:
+                        delta = store.idle() if hasattr(store, "idle") else None
+                    answers.put(("reply", ("ok", (None, delta))))
+                    continue
+                if requests is None:
+                    requests = decode_group(first)
                 if pipelined:
-                    ticket = store.send_group(first, second, upcoming)  # type: ignore[attr-defined]
+                    ticket = store.send_group(requests, second, upcoming, body=first)  # type: ignore[attr-defined]
                     answers.put(("group", ticket))
                 else:
-                    answers.put(("reply", ("ok", store.write_group(first, second))))
+                    answers.put(("reply", ("ok", (store.write_group(requests, second), None))))
                 collector.after_group()
             except StoreUnavailable as exc:
                 answers.put(("reply", ("unavailable", str(exc))))
@@ -121,7 +146,7 @@ def _answer(
         kind, value = item
         if kind == "group":
             try:
-                value = ("ok", store.await_group(value))
+                value = ("ok", (store.await_group(value), value.delta))
             except StoreUnavailable as exc:
                 value = ("unavailable", str(exc))
             except Exception as exc:
@@ -186,6 +211,9 @@ class ProcessWriteStore:
         self._broken: Connection | None = None
         self._closed = False
         self.restarts = 0
+        # the server process's readers' overlay (SQLite with write-behind), fed by the answers
+        self.overlay: Any = None
+        self._sqlite = not is_postgres_url(db)
 
     def start(self) -> None:
         with self._lock:
@@ -223,7 +251,7 @@ class ProcessWriteStore:
         self, requests: Sequence[Sequence[Update]], counts: dict[tuple[str, str], int] | None = None
     ) -> tuple[int, Connection]:
         """Send one group to the child; the ticket says which answer is its own."""
-        return self._send(("group", [list(r) for r in requests], counts))
+        return self._send(("group", encode_group(requests), counts))
 
     def session_write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Write query-session rows through the child, which holds SQLite's write lock.
@@ -232,6 +260,16 @@ class ProcessWriteStore:
         after group, and could time out under sustained load.
         """
         self.await_group(self._send(("session", sql, list(rows))))
+
+    def sync(self) -> None:
+        """Have the child write every changed profile's row now (before a read that scans
+        them); returns once the server's overlay knows."""
+        self.await_group(self._send(("sync", None, None)))
+
+    def idle(self) -> None:
+        """No group is coming: let the child write the rows that are due."""
+        if self._sqlite:
+            self.await_group(self._send(("idle", None, None)))
 
     def _send(self, message: tuple[str, Any, Any]) -> tuple[int, Connection]:
         with self._lock:
@@ -277,7 +315,10 @@ class ProcessWriteStore:
                 self._answered += 1
                 self._replies.notify_all()
         if status == "ok":
-            return list(value) if value is not None else []
+            results, delta = value
+            if delta is not None and self.overlay is not None:
+                self.overlay.apply(delta)  # before the group's requests are answered
+            return list(results) if results is not None else []
         if status == "unavailable":
             raise StoreUnavailable(value)
         raise RuntimeError(f"the writer process failed: {value}")

@@ -38,6 +38,12 @@ def prefer_quick_handoffs() -> None:
     sys.setswitchinterval(min(sys.getswitchinterval(), QUICK_SWITCH_INTERVAL))
 
 
+# Seconds without a group after which the writer lets the store do its own work (SQLite with
+# write-behind writes the profile rows that are due; see SqliteStore.idle).
+IDLE_EVERY = 0.2
+_IDLE: list[Any] = []  # _take's answer when it is time for that
+
+
 class Overloaded(Exception):
     """The write queue is full."""
 
@@ -84,6 +90,8 @@ class Writer:
             threading.Thread(target=self._run, name=f"peoplebase-writer-{i}", daemon=True)
             for i in range(depth)
         ]
+        self._idle = getattr(store, "idle", None)
+        self._last_taken = time.monotonic()  # when a request was last taken from the queue
         self.commits = 0
         self.failed_commits = 0
         self._counts: dict[tuple[str, str], int] = {}  # (token, outcome) -> records, not yet stored
@@ -133,10 +141,17 @@ class Writer:
             while not self._queue:
                 if self._stopping and not self._counts:
                     return None
-                if self._counts and (self._stopping or not self._cond.wait(2.0)):
+                quiet = time.monotonic() - self._last_taken
+                if self._counts and (self._stopping or quiet >= 2.0):
                     return []  # nothing to write but counts: store them on their own
-                if not self._counts:
-                    self._cond.wait()
+                if self._idle is not None:
+                    wait: float | None = IDLE_EVERY
+                else:
+                    wait = max(0.0, 2.0 - quiet) if self._counts else None
+                if not self._cond.wait(wait) and self._idle is not None and not self._queue:
+                    if not self._stopping:
+                        return _IDLE
+            self._last_taken = time.monotonic()
             jobs: list[_Job] = []
             records = 0
             limit = self._group_limit()
@@ -162,12 +177,24 @@ class Writer:
                 jobs = self._take()
                 if jobs is None:  # stopping: the other thread then finds the same
                     return
+                if jobs is _IDLE:
+                    self._tick()
+                    continue
                 counts = self._take_counts()
                 sent_at = time.monotonic()
                 pending = self._send(jobs, counts) if self._pipelined else None
             self._commit(jobs, counts, sent_at, pending)
             with self._cond:
                 self._committing -= sum(len(j.updates) for j in jobs)
+
+    def _tick(self) -> None:
+        assert self._idle is not None
+        try:
+            self._idle()
+        except StoreUnavailable as exc:
+            log.warning("writing profile rows while idle failed: %s", exc)
+        except Exception:
+            log.exception("writing profile rows while idle failed")
 
     def _send(self, jobs: list[_Job], counts: dict[tuple[str, str], int]) -> Any:
         try:

@@ -102,15 +102,24 @@ def check(server: ServerProcess, ledger: Ledger, note: str) -> int:
     return len(stored)
 
 
-@pytest.mark.parametrize("writer", ["thread", "process"])
-def test_sigkill_loses_no_acknowledged_update(tmp_path: Path, writer: str) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--writer", "thread"],
+        ["--writer", "process"],
+        # no row written before a kill: every acknowledged update comes back from the journal
+        ["--writer", "process", "--write-behind", "3600"],
+    ],
+    ids=["thread", "process", "process-journal-only"],
+)
+def test_sigkill_loses_no_acknowledged_update(tmp_path: Path, flags: list[str]) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     db = tmp_path / "crash.db"
     ledger = Ledger()
     for round_ in range(KILLS):
         note = f"seed {seed}, round {round_}"
-        server = ServerProcess(db, "--tokens", "open", "--writer", writer).start()  # restarts on the same file
+        server = ServerProcess(db, "--tokens", "open", *flags).start()  # restarts on the same file
         try:
             if round_:
                 check(server, ledger, note + " (after restart)")
@@ -134,7 +143,7 @@ def test_sigkill_loses_no_acknowledged_update(tmp_path: Path, writer: str) -> No
                 assert not t.is_alive(), note
         finally:
             server.kill()
-    server = ServerProcess(db, "--tokens", "open", "--writer", writer).start()
+    server = ServerProcess(db, "--tokens", "open", *flags).start()
     try:
         stored = check(server, ledger, f"seed {seed}, after the last kill")
         assert stored >= len(ledger.acked) > 0

@@ -242,6 +242,8 @@ def test_migration_counts_every_profiles_log(tiny_tails: None, tmp_path: Path) -
     conn = apsw.Connection(str(db))
     conn.execute("ALTER TABLE profiles DROP COLUMN log_n")
     conn.execute("ALTER TABLE profiles DROP COLUMN log_floor")
+    conn.execute("DROP TABLE journal")  # and what version 6 added
+    conn.execute("ALTER TABLE profiles DROP COLUMN jid")
     conn.execute("PRAGMA user_version = 4")
     conn.close()
     reopened = SqliteStore(str(db), synchronous="normal", max_log_entries=4)

@@ -34,14 +34,14 @@ from tests.test_merge import (
     tied_times,
     to_updates,
 )
-from tests.test_row_cache import retoken, table_rows
+from tests.test_writeback import retoken, table_rows
 
 _tokens = itertools.count()
 
 
 def open_store(path: Path, **kwargs: Any) -> SqliteStore:
     store = SqliteStore(str(path), synchronous="normal", **kwargs)
-    store.row_cache.min_log = 1  # keep even short logs: the cache takes part too
+    store.writeback.min_log = 1  # keep even short logs: the cache takes part too
     store.open()
     return store
 

@@ -1,10 +1,12 @@
-"""The SQLite writer's cache of busy profiles' rows and decoded logs (store/rowcache.py).
+"""What the SQLite writer holds between groups (store/writeback.py): profile states, their
+decoded logs, and the rows it writes behind.
 
-The cache must be invisible: a store that keeps rows and decoded logs between groups writes
-byte for byte the same rows as one that reads everything from the file, whatever the arrival
-order, retries, deletes, log cuts and evictions; and it never hands out a state that is not the
-file's committed one (a failed group, another connection's commit). The scenarios' logs are
-short, so the cached stores here keep logs from one entry on (`min_log = 1`).
+All of it must be invisible: a store that keeps states and decoded logs between groups, and
+one that writes its rows seconds later (`write_behind`), write byte for byte the same rows as
+one that reads everything from the file and writes every row at once, whatever the arrival
+order, retries, deletes, log cuts and evictions; and neither ever merges onto a state that is
+not the file's and the journal's (a failed group, another connection's commit). The scenarios'
+logs are short, so the caching stores here keep logs from one entry on (`min_log = 1`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from peoplebase.merge import LogEntry, ProfileRow
+from peoplebase.merge import Key, LogEntry, ProfileRow
 from peoplebase.store import SqliteStore, StoreUnavailable
-from peoplebase.store.rowcache import Cached, RowCache
+from peoplebase.store.writeback import ProfileState, WriteBack
 from tests.test_merge import (
     TOKEN,
     Groups,
@@ -38,15 +40,39 @@ from tests.test_merge import (
 _tokens = itertools.count()
 
 
-def open_sqlite(path: Path, min_log: int = 1, **kwargs: Any) -> SqliteStore:
+class Clock:
+    """A clock that moves on by `step` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def open_sqlite(
+    path: Path, min_log: int = 1, clock: float | None = None, **kwargs: Any
+) -> SqliteStore:
+    """A store on `path`; `clock`: its write-behind schedule runs on a Clock of that step."""
     store = SqliteStore(str(path), synchronous="normal", **kwargs)
-    store.row_cache.min_log = min_log
+    store.writeback.min_log = min_log
+    if clock is not None:
+        store.clock = Clock(clock)
     store.open()
     return store
 
 
+def logs_held(store: SqliteStore) -> dict[Key, ProfileState]:
+    """The held states that keep their decoded log."""
+    return {k: s for k, s in store.writeback.states.items() if s.log is not None}
+
+
 def table_rows(store: SqliteStore, token: str) -> tuple[list[Any], list[Any]]:
-    """Every stored column of a project's profiles and log chunks, in a fixed order."""
+    """Every stored column of a project's profiles and log chunks, in a fixed order, once
+    every acknowledged update is in the rows."""
+    store.fresh()
     project = store.project_by_token(token)
     if project is None:
         return [], []
@@ -54,7 +80,7 @@ def table_rows(store: SqliteStore, token: str) -> tuple[list[Any], list[Any]]:
     profiles = list(
         conn.execute(
             "SELECT distinct_id, props, last_time, base, tomb, log_min, log_n, log_floor, tail, "
-            "tail_n, chunks FROM profiles WHERE project_id = ? ORDER BY distinct_id",
+            "tail_n, chunks, jid FROM profiles WHERE project_id = ? ORDER BY distinct_id",
             (project.id,),
         )
     )
@@ -83,35 +109,47 @@ def run(store: SqliteStore, groups: Groups) -> list[tuple[int, int, int]]:
     return out
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[SqliteStore, SqliteStore, SqliteStore]]:
-    """A store without the cache, one with a roomy cache, one with a cache so small that it
-    evicts in nearly every group."""
-    stores = (
-        open_sqlite(tmp_path / "plain.db", log_cache=0),
-        open_sqlite(tmp_path / "cached.db"),
-        open_sqlite(tmp_path / "tiny.db", log_cache=24),
+Stores = tuple[SqliteStore, ...]
+
+
+def variants(tmp_path: Path, **settings: Any) -> Stores:
+    """The first writes through and keeps no decoded log; the others: a roomy log cache, one
+    so small it evicts in nearly every group, rows written behind at the end only, rows
+    written behind a few at a time (each group sees a quarter of the interval pass), and
+    that with room for two states only (rows written at once, states evicted all the time)."""
+    return (
+        open_sqlite(tmp_path / "plain.db", log_cache=0, **settings),
+        open_sqlite(tmp_path / "cached.db", **settings),
+        open_sqlite(tmp_path / "tiny.db", log_cache=24, **settings),
+        open_sqlite(tmp_path / "behind.db", write_behind=3600.0, **settings),
+        open_sqlite(tmp_path / "slices.db", write_behind=1.0, clock=0.25, **settings),
+        open_sqlite(
+            tmp_path / "crowded.db", write_behind=1.0, clock=0.25, held_profiles=2, **settings
+        ),
     )
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Stores]:
+    stores = variants(tmp_path)
     yield stores
     for store in stores:
         store.close()
 
 
-def same_rows(stores: tuple[SqliteStore, ...], groups: Groups) -> tuple[list[Any], list[Any]]:
+def same_rows(stores: Stores, groups: Groups) -> tuple[list[Any], list[Any]]:
     token = f"{TOKEN}-{next(_tokens)}"
     groups = retoken(groups, token)
     outcomes = [run(store, groups) for store in stores]
-    assert outcomes[1] == outcomes[0]
-    assert outcomes[2] == outcomes[0]
+    for other in outcomes[1:]:
+        assert other == outcomes[0]
     plain = table_rows(stores[0], token)
-    assert table_rows(stores[1], token) == plain
-    assert table_rows(stores[2], token) == plain
+    for store in stores[1:]:
+        assert table_rows(store, token) == plain
     return plain
 
 
-def test_cached_stores_write_the_same_rows(
-    pair: tuple[SqliteStore, SqliteStore, SqliteStore],
-) -> None:
+def test_cached_stores_write_the_same_rows(pair: Stores) -> None:
     @hypothesis_settings(max_examples=120, deadline=None)
     @given(st.data())
     def check(data: st.DataObject) -> None:
@@ -125,11 +163,13 @@ def test_cached_stores_write_the_same_rows(
         same_rows(pair, [[request] for request in again])
 
     check()
-    assert pair[1].row_cache.hits > 0
-    assert pair[2].row_cache.hits > 0
+    assert pair[1].writeback.log_hits > 0
+    assert pair[2].writeback.log_hits > 0
+    # written behind, a busy profile's row is written once for all its updates
+    assert pair[0].pipeline.rows_written > pair[3].pipeline.rows_written > 0
 
 
-def test_long_logs_agree(pair: tuple[SqliteStore, SqliteStore, SqliteStore]) -> None:
+def test_long_logs_agree(pair: Stores) -> None:
     # logs past the 16-entry tail spill into chunks, and late updates on logs of 64 entries and
     # more replay only the properties they touch: both read the cached decoded logs
     spilled = []
@@ -146,12 +186,8 @@ def test_long_logs_agree(pair: tuple[SqliteStore, SqliteStore, SqliteStore]) -> 
 
 
 def agree_on_random_groups(tmp_path: Path, max_size: int, **settings: Any) -> None:
-    """Stores without, with and with a tiny cache agree on random arrivals, under `settings`."""
-    stores = (
-        open_sqlite(tmp_path / "plain.db", log_cache=0, **settings),
-        open_sqlite(tmp_path / "cached.db", **settings),
-        open_sqlite(tmp_path / "tiny.db", log_cache=12, **settings),
-    )
+    """The variants agree on random arrivals, under `settings`."""
+    stores = variants(tmp_path, **settings)
     try:
 
         @hypothesis_settings(max_examples=40, deadline=None)
@@ -179,14 +215,14 @@ def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
     store = open_sqlite(tmp_path / "p.db", min_log=100)
     try:
         store.write_group(to_updates([[rec(t, set={"p": t}) for t in range(10, 110)]]))
-        assert len(store.row_cache) == 0  # nothing read the log yet: nothing kept
+        assert len(logs_held(store)) == 0  # nothing read the log yet: nothing kept
         store.write_group(to_updates([[rec(5, set={"p": "late", "q": 1})]]))
-        ((_, cached),) = store.row_cache._entries.items()
-        assert len(cached.log) == 101
+        ((_, cached),) = logs_held(store).items()
+        assert cached.log is not None and len(cached.log) == 101
         # the next late update is served from that decoded log and still lands in place
         store.write_group(to_updates([[rec(7, set={"q": 2}), rec(8, union={"l": ["x"]})]]))
-        assert store.row_cache.hits == 1
-        assert store.row_cache.log_entries == 103
+        assert store.writeback.log_hits == 1
+        assert store.writeback.log_entries == 103
         project = store.project_by_token(TOKEN)
         assert project is not None
         ((_, props),) = store.get_profiles(project.id, ["a"])
@@ -194,7 +230,7 @@ def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
         # a log shorter than min_log is not kept
         store.write_group(to_updates([[rec(t, did="b", set={"p": t}) for t in range(10, 98)]]))
         store.write_group(to_updates([[rec(5, did="b", set={"p": "late"})]]))
-        assert len(store.row_cache) == 1
+        assert len(logs_held(store)) == 1
     finally:
         store.close()
 
@@ -220,7 +256,7 @@ def test_retries_of_cached_entries(tmp_path: Path, groups: Groups) -> None:
         outcomes = run(plain, groups)
         assert outcomes[-1][0] == 1  # the resend is dropped
         assert run(cached, groups) == outcomes
-        assert cached.row_cache.hits >= 1
+        assert cached.writeback.log_hits >= 1
         assert table_rows(cached, TOKEN) == table_rows(plain, TOKEN)
     finally:
         plain.close()
@@ -244,7 +280,7 @@ def test_another_connections_commit_is_seen(tmp_path: Path) -> None:
     try:
         first.write_group(to_updates([[arrived[0]]]))
         first.write_group(to_updates([[arrived[1]]]))
-        assert len(first.row_cache) == 1
+        assert len(logs_held(first)) == 1
         second.write_group(to_updates([[arrived[2]]]))
         first.write_group(to_updates([[arrived[3]]]))
         project = first.project_by_token(TOKEN)
@@ -252,11 +288,11 @@ def test_another_connections_commit_is_seen(tmp_path: Path) -> None:
         ((_, props),) = first.get_profiles(project.id, ["a"])
         assert props["n"] == 112
         assert props == reference(arrived)["a"]
-        # what the cache keeps now is the file's state, with `second`'s update in it (the
-        # merge made onto the old cached copy was made again, inside the write transaction)
-        ((_, kept),) = first.row_cache._entries.items()
+        # what the writer holds now is the file's state, with `second`'s update in it (the
+        # merge made onto the old held copy was made again, inside the write transaction)
+        ((_, kept),) = logs_held(first).items()
         assert kept.row.props == props
-        assert len(kept.log) == 4
+        assert kept.log is not None and len(kept.log) == 4
     finally:
         first.close()
         second.close()
@@ -270,7 +306,7 @@ def test_a_failed_group_leaves_no_trace_in_the_cache(tmp_path: Path) -> None:
         store.write_group(to_updates([[rec(3, add={"n": 1}), rec(3, did="b", set={"x": 1})]]))
         # late updates: both logs are read, then kept
         store.write_group(to_updates([[rec(2, add={"n": 1}), rec(2, did="b", set={"y": 2})]]))
-        assert len(store.row_cache) == 2
+        assert len(logs_held(store)) == 2
         # on the writer's own connection: another one's commit would clear the cache anyway
         conn = store._writer()
         conn.execute(
@@ -295,73 +331,132 @@ def test_a_failed_group_leaves_no_trace_in_the_cache(tmp_path: Path) -> None:
         store.close()
 
 
-def test_negative_size_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="log cache"):
-        SqliteStore(str(tmp_path / "p.db"), log_cache=-1)
+# --- the held states and the schedule -------------------------------------------------------
 
 
-# --- the cache itself ------------------------------------------------------------------------
+def state(log: int | None = None, dirty: bool = False) -> ProfileState:
+    entries = None if log is None else [LogEntry(0.0, i, None, body={"o": {}}) for i in range(log)]
+    return ProfileState(ProfileRow(), None, None, None, None, 0, 0, True, dirty=dirty, log=entries)
 
 
-def entry(log: int) -> Cached:
-    return Cached(
-        ProfileRow(), None, 0, 0, [LogEntry(0.0, i, None, body={"o": {}}) for i in range(log)]
-    )
-
-
-def test_least_recently_used_go_first() -> None:
-    cache = RowCache(log_entries=40, min_log=1)
+def test_least_recently_used_logs_go_first() -> None:
+    held = WriteBack(log_budget=40, min_log=1)
     for n in range(3):
-        cache.put((1, str(n)), entry(10))
-    taken = cache.take((1, "0"))
-    assert taken is not None
-    cache.put((1, "0"), taken)  # used again: now the newest
-    cache.put((1, "3"), entry(10))
-    cache.put((1, "4"), entry(10))  # 50 entries: the least recently used goes
-    assert set(cache._entries) == {(1, "0"), (1, "2"), (1, "3"), (1, "4")}
-    assert cache.log_entries == 40
-    assert cache.take((1, "1")) is None
-    assert cache.hits == 1
+        held.hold((1, str(n)), state(10))
+    again = held.get((1, "0"))
+    assert again is not None
+    held.hold((1, "0"), again)  # used again: now the newest
+    held.hold((1, "3"), state(10))
+    held.hold((1, "4"), state(10))  # 50 entries: the least recently used log goes
+    held.evict()
+    kept = {k for k, s in held.states.items() if s.log is not None}
+    assert kept == {(1, "0"), (1, "2"), (1, "3"), (1, "4")}
+    assert held.log_entries == 40
+    assert len(held) == 5  # the states stay: only the log was dropped
 
 
 def test_only_logs_of_a_useful_length_are_kept() -> None:
-    cache = RowCache(log_entries=40, min_log=5)
-    cache.put((1, "short"), entry(4))
-    cache.put((1, "long"), entry(11))  # more than a quarter of the whole budget
-    cache.put((1, "fits"), entry(10))
-    assert set(cache._entries) == {(1, "fits")}
-    # a profile whose log grew past the bound is dropped, not kept stale
-    cache.put((1, "fits"), entry(12))
-    assert len(cache) == 0 and cache.log_entries == 0
+    held = WriteBack(log_budget=40, min_log=5)
+    held.hold((1, "short"), state(4))
+    held.hold((1, "long"), state(11))  # more than a quarter of the whole budget
+    held.hold((1, "fits"), state(10))
+    assert {k for k, s in held.states.items() if s.log is not None} == {(1, "fits")}
+    # a profile whose log grew past the bound drops it, rather than keeping it stale
+    grown = held.get((1, "fits"))
+    assert grown is not None and grown.log is not None
+    grown.log.extend(grown.log[:2])
+    held.hold((1, "fits"), grown)
+    assert grown.log is None and held.log_entries == 0
 
 
-def test_a_new_data_version_clears() -> None:
-    cache = RowCache(log_entries=40, min_log=1)
-    cache.check(5)
-    cache.put((1, "a"), entry(3))
-    cache.check(5)
-    assert len(cache) == 1
-    cache.check(6)
-    assert len(cache) == 0 and cache.log_entries == 0
+def test_size_zero_keeps_no_log() -> None:
+    held = WriteBack(log_budget=0, min_log=1)
+    held.hold((1, "a"), state(1))
+    assert held.log_entries == 0 and held.states[(1, "a")].log is None
 
 
-def test_size_zero_keeps_nothing() -> None:
-    cache = RowCache(log_entries=0, min_log=1)
-    cache.put((1, "a"), entry(1))
-    assert len(cache) == 0
+def test_clean_states_go_least_recently_used_first_changed_ones_stay() -> None:
+    held = WriteBack(max_profiles=2)
+    held.hold((1, "a"), state(dirty=True))
+    held.hold((1, "b"), state())
+    held.hold((1, "c"), state())
+    held.hold((1, "d"), state())
+    held.evict()
+    assert list(held.states) == [(1, "a"), (1, "d")]  # "a" is not written yet: it stays
+    held.drop_clean()
+    assert list(held.states) == [(1, "a")]
+    epoch = held.epoch
+    held.drop()
+    assert len(held) == 0 and held.epoch == epoch + 1
 
 
-def test_the_setting_reaches_the_writer(tmp_path: Path) -> None:
-    # `--log-cache` sizes the cache of whichever process runs the merge
+def test_write_through_writes_every_changed_state_at_once() -> None:
+    held = WriteBack(interval=0.0)
+    for did in "cab":
+        held.hold((1, did), state(dirty=True))
+    due, trim = held.due(0.0, 7)
+    assert [k for k, _ in due] == [(1, "a"), (1, "b"), (1, "c")] and trim is None
+
+
+def test_a_cycle_writes_in_key_order_as_time_passes_then_trims_the_journal() -> None:
+    held = WriteBack(interval=1.0)
+    for i in range(8):
+        held.hold((1, f"u{i}"), state(dirty=True))
+    due, trim = held.due(10.0, jid=100)  # starts the cycle: no time has passed, nothing due
+    assert due == [] and trim is None
+    due, trim = held.due(10.3, jid=101)  # 0.3 of the interval: 2 of the cycle's 8 keys
+    assert [k for k, _ in due] == [(1, "u0"), (1, "u1")] and trim is None
+    for key, s in due:
+        held.written(key, s)
+    held.hold((1, "u9"), state(dirty=True))  # changed after the cycle started: the next one's
+    due, trim = held.due(10.5, jid=102)  # half the interval: up to half of the keys
+    assert [k for k, _ in due] == [(1, "u2"), (1, "u3")] and trim is None
+    for key, s in due:
+        held.written(key, s)
+    held.hold((1, "u5"), state(dirty=True))  # changed again before its turn: written once
+    due, trim = held.due(12.0, jid=103)  # past the interval: the rest of the cycle
+    assert [k for k, _ in due] == [(1, f"u{i}") for i in range(4, 8)]
+    assert trim == 100  # every update of group 100 and older is in the rows now
+    for key, s in due:
+        held.written(key, s)
+    due, trim = held.due(12.0, jid=104)  # the next cycle: what changed meanwhile
+    assert due == [] and trim is None
+    due, trim = held.due(13.0, jid=105)
+    assert [k for k, _ in due] == [(1, "u9")] and trim == 104
+
+
+def test_a_crowded_writer_writes_the_whole_cycle_at_once() -> None:
+    held = WriteBack(interval=60.0, max_profiles=3)
+    for i in range(5):
+        held.hold((1, f"u{i}"), state(dirty=True))
+    due, trim = held.due(0.0, jid=5)
+    assert len(due) == 5 and trim == 5
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="log cache"):
+        SqliteStore(str(tmp_path / "p.db"), log_cache=-1)
+    with pytest.raises(ValueError, match="write_behind"):
+        SqliteStore(str(tmp_path / "p.db"), write_behind=-1.0)
+
+
+def test_the_settings_reach_the_writer(tmp_path: Path) -> None:
+    # `--log-cache`, `--write-behind` and `--held-profiles` reach the store of whichever
+    # process runs the merge
     from peoplebase.app import PeoplebaseApp
     from peoplebase.settings import Settings
 
-    thread = PeoplebaseApp(Settings(db=str(tmp_path / "t.db"), writer="thread", log_cache=0))
+    settings = Settings(
+        db=str(tmp_path / "t.db"), writer="thread", log_cache=0, write_behind=2.5, held_profiles=7
+    )
+    thread = PeoplebaseApp(settings)
     assert isinstance(thread.store, SqliteStore)
-    assert thread.store.row_cache.budget == 0
+    held = thread.store.writeback
+    assert (held.log_budget, held.interval, held.max_profiles) == (0, 2.5, 7)
     thread.store.close()
-    process = PeoplebaseApp(Settings(db=str(tmp_path / "p.db"), log_cache=5000))
+    process = PeoplebaseApp(settings.replace(db=str(tmp_path / "p.db"), writer="process"))
     assert process.write_process is not None
-    assert process.write_process.store_kwargs["log_cache"] == 5000
+    kwargs = process.write_process.store_kwargs
+    assert (kwargs["log_cache"], kwargs["write_behind"], kwargs["held_profiles"]) == (0, 2.5, 7)
     assert isinstance(process.store, SqliteStore)
     process.store.close()

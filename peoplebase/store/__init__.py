@@ -20,6 +20,7 @@ def open_store(db: str, **kwargs: object) -> ProfileStore:
         from .postgres import PostgresStore
 
         # several nodes may write one database: each merge reads the rows it changes
-        kwargs.pop("log_cache", None)
+        for sqlite_only in ("log_cache", "write_behind", "held_profiles"):
+            kwargs.pop(sqlite_only, None)
         return PostgresStore(db, **kwargs)  # type: ignore[arg-type]
     return SqliteStore(db, **kwargs)  # type: ignore[arg-type]

@@ -3,8 +3,12 @@
 Writes come through `send_group` / `await_group` (or `write_group`, both at once), which the
 writer calls with every request it took from the queue: they share one `BEGIN IMMEDIATE …
 COMMIT` (group commit) and, with `synchronous=FULL`, one fsync. The COMMIT and the fsync run
-on a thread of their own while the next group is merged (sqlite_write.py). Reads use their own connection per thread and never block the writer
-(WAL).
+on a thread of their own while the next group is merged (sqlite_write.py). With
+`write_behind`, a group's transaction holds its updates as one `journal` row and the rows of
+the profiles it changed are written later (writeback.py); `catch_up` replays the journal after
+a restart, and reads see what the rows do not hold yet through the overlay (overlay.py), or
+after `fresh` has every row written. Reads use their own connection per thread and never
+block the writer (WAL).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import apsw
 import orjson
 
+from ..journal import decode_group, encode_group
 from ..merge import DEFAULT_MAX_LOG_ENTRIES, Loaded, LogEntry, Merger, update_from_body
 from ..query import indexes
 from ..query.compile import compile_where
@@ -43,17 +48,21 @@ from .base import (
     outcome_counts,
     secret_matches,
 )
-from .rowcache import DEFAULT_LOG_CACHE, RowCache
+from .overlay import Overlay
 from .sqlite_write import (
     Committer,
     Group,
     GroupBackend,
     NeedsSerial,
+    OverlayDelta,
     PipelineStats,
+    done_writing,
     finish,
+    mark_written,
     read_log,
-    remember,
+    write_rows,
 )
+from .writeback import DEFAULT_INTERVAL, DEFAULT_LOG_CACHE, DEFAULT_MAX_PROFILES, WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +111,8 @@ class SqliteStore:
         max_log_entries: int = DEFAULT_MAX_LOG_ENTRIES,
         indexed_properties: tuple[str, ...] = ("$email", "$name"),
         log_cache: int = DEFAULT_LOG_CACHE,
+        write_behind: float = DEFAULT_INTERVAL,
+        held_profiles: int = DEFAULT_MAX_PROFILES,
     ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
@@ -125,16 +136,25 @@ class SqliteStore:
         # another connection has committed, and what this store keeps in memory is old
         self._dv: int | None = None
         self._next_optimize = 0.0
+        self.clock: Callable[[], float] = time.monotonic  # the write-behind schedule's
         self.pipeline = PipelineStats()
         self._wal_path = str(Path(path).expanduser().resolve()) + "-wal"
         self._wal_fd: int | None = None
         self._sync_lock = threading.Lock()
         self._faulted: BaseException | None = None  # a failed WAL fsync, until _recover
-        # busy profiles' committed rows and decoded logs, kept between groups (rowcache.py)
-        self.row_cache = RowCache(log_cache)
+        # the profiles the writer holds between groups, and when their rows are written
+        self.writeback = WriteBack(write_behind, held_profiles, log_cache)
+        # False until the journal has been replayed into the rows by this store (catch_up),
+        # and again whenever the held states may not be the file's and the journal's
+        self._caught_up = False
+        self._journal_newest: int | None = None  # the newest journal row this store knows
+        # acknowledged states whose rows are not written yet, for this process's readers
+        self.overlay = Overlay()
         # Set by the server with `--writer process`: query-session writes go to the process
-        # that holds the write connection instead of competing with it for the file's lock.
+        # that holds the write connection instead of competing with it for the file's lock,
+        # and so does making every row current (`fresh`).
         self.session_writer: Callable[[str, Sequence[tuple[Any, ...]]], None] | None = None
+        self.syncer: Callable[[], None] | None = None
 
     # --- connections ----------------------------------------------------------------------
 
@@ -207,7 +227,8 @@ class SqliteStore:
 
     def migrate(self) -> int:
         with self._write_lock:
-            self.row_cache.clear()
+            self.writeback.drop()
+            self._caught_up = False
             conn = self._writer()
             current = _one(conn, "PRAGMA user_version")
             applied = current
@@ -310,18 +331,28 @@ class SqliteStore:
         return self._merge_conn
 
     def close(self) -> None:
-        with self._merge_lock, self._write_lock:  # the group in flight has committed
-            self._inflight = None
-            if self._committer is not None:
-                self._committer.stop()
-                self._committer = None
-            for conn in (self._write_conn, self._merge_conn):
-                if conn is not None:
-                    conn.close()
-            self._write_conn = self._merge_conn = None
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
-                self._wal_fd = None
+        with self._merge_lock:
+            if self._inflight is not None:
+                self._inflight.done.wait()
+            if self._caught_up and (self.writeback.has_dirty() or self._journal_newest):
+                try:  # the rows now, so the next start has nothing to replay
+                    self._sync(full=True)
+                except StoreUnavailable as exc:
+                    log.warning(
+                        "profile rows not written at close (the journal keeps them): %s", exc
+                    )
+            with self._write_lock:  # the group in flight has committed
+                self._inflight = None
+                if self._committer is not None:
+                    self._committer.stop()
+                    self._committer = None
+                for conn in (self._write_conn, self._merge_conn):
+                    if conn is not None:
+                        conn.close()
+                self._write_conn = self._merge_conn = None
+                if self._wal_fd is not None:
+                    os.close(self._wal_fd)
+                    self._wal_fd = None
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -353,14 +384,16 @@ class SqliteStore:
         counts: dict[tuple[str, str], int] | None = None,
         upcoming: Callable[[], Sequence[Sequence[Update]] | None] | None = None,
         inline: bool = False,
+        body: bytes | None = None,
     ) -> Group:
         """Merge and write a group, and hand its COMMIT to the committer thread.
 
-        Returns when the rows are written and the previous group has committed, so the
+        Returns when the group is written and the previous group has committed, so the
         caller can send the next group while this one commits (sqlite_write.py). The answer
         to the group's requests is `await_group`'s. `upcoming`, when given, tells the next
         group's requests if they are known already: their profiles are then read inside
-        this group's transaction, where the pages are at hand.
+        this group's transaction, where the pages are at hand. `body` is the requests as
+        `journal.encode_group` encodes them, when the caller has it.
         """
         with self._merge_lock:
             if self._reopen_merge_conn and self._merge_conn is not None:
@@ -369,7 +402,9 @@ class SqliteStore:
             self._reopen_merge_conn = False
             previous = self._inflight
             preloaded, self._preloaded = self._preloaded, None
-            group = Group(requests, counts or {})
+            if body is None and self.writeback.interval > 0:
+                body = encode_group(requests)  # before the merge moves any update's time
+            group = Group(requests, counts or {}, body)
             self.pipeline.groups += 1
             backend: GroupBackend | None = None
             loaded: Loaded | None = None
@@ -377,16 +412,15 @@ class SqliteStore:
                 backend, loaded = preloaded[1], preloaded[2]
                 self.pipeline.preloaded += 1
             merged = False
-            states = previous.written if previous is not None else None
             if (
                 previous is not None
-                and states is not None
                 and not previous.done.is_set()
                 and self._dv is not None
+                and self._caught_up
             ):
                 # the previous group is committing: merge this one meanwhile
                 if backend is None:
-                    backend = GroupBackend(self, self._merge_reader(), states, True)
+                    backend = GroupBackend(self, self._merge_reader(), True)
                 backend.reader = self._merge_reader()
                 try:
                     if loaded is None:
@@ -399,16 +433,15 @@ class SqliteStore:
                 except NeedsSerial:
                     backend, loaded = None, None
                 except BaseException:
-                    # the merge may have changed the previous group's states in memory
-                    previous.written = None
-                    self.row_cache.clear()
+                    # the merge may have changed held states: they are dropped
+                    self._caught_up = False
                     raise
             # the next group, if it is there already: asked now, while the previous COMMIT
             # runs, since getting it may take a while (the writer process unpickles it)
             following = self._ask(upcoming) if upcoming is not None else None
             self._write_lock.acquire()  # free once the previous group's COMMIT has ended
             try:
-                self._write(group, previous, backend, loaded, merged)
+                self._write(group, backend, loaded, merged)
                 if following:
                     self._preload(group, following)
             except BaseException:
@@ -423,66 +456,211 @@ class SqliteStore:
             self._committer.commit(group)  # releases the write lock after COMMIT
             return group
 
+    def _changed_elsewhere(self, conn: apsw.Connection) -> bool:
+        """In a write transaction: whether another connection committed since this store's
+        last transaction. Then what this store holds may not be the file's: if the other
+        touched the journal (it replayed it, or wrote groups of its own), every held state is
+        dropped and the journal replayed; else the states whose rows are written are dropped."""
+        version = _one(conn, "PRAGMA data_version")
+        if version == self._dv:
+            return False
+        self._dv = version
+        newest = _one(conn, "SELECT max(id) FROM journal")
+        if newest != self._journal_newest:
+            self._caught_up = False
+        else:
+            self.writeback.drop_clean()
+        return True
+
     def _write(
         self,
         group: Group,
-        previous: Group | None,
         backend: GroupBackend | None,
         loaded: Loaded | None,
         merged: bool,
     ) -> None:
-        """Open the group's transaction and write its rows (the write lock is held).
+        """Open the group's transaction, write its journal row and the rows that are due
+        (the write lock is held).
 
         `merged`: the group was merged while the previous one committed; else it is merged
         here, inside the transaction (on `backend` if its profiles were read already).
         """
         self._inflight = None
-        stale = previous is not None and (previous.error is not None or previous.written is None)
+        held = self.writeback
         try:
             conn = self._writer()
             if self._faulted is not None:
-                stale = True
                 self._recover(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
-                version = _one(conn, "PRAGMA data_version")
-                if version != self._dv:
-                    stale = True  # another connection committed: what was read is old
-                    self._dv = version
-                self.row_cache.check(version)
-                if stale:
-                    self.row_cache.clear()
-                    self.pipeline.merged_again += backend is not None
+                if self._changed_elsewhere(conn) and merged:
+                    # the merge made meanwhile changed held states in place: all are dropped
+                    self._caught_up = False
+                reset = False
+                if not self._caught_up:
+                    group.wrote = self._catch_up(conn)
+                    reset = True
+                if backend is not None and backend.epoch != held.epoch:
+                    # merged (or read ahead) on states that are gone: merge again, from the file
+                    self.pipeline.merged_again += 1
                     backend, loaded, merged = None, None, False
                 if not merged:
                     if backend is None:
-                        states = previous.written if previous is not None and not stale else None
-                        backend = GroupBackend(self, conn, states or {}, pipelined=False)
+                        backend = GroupBackend(self, conn, pipelined=False)
                         loaded = None
                     backend.reader = conn
                     group.results = self.merger.apply(backend, group.requests, loaded)
                     backend.seal()
                 assert backend is not None  # merged, or merged just now
-                if previous is not None and previous.written and not stale:
-                    remember(self.row_cache, previous.written, skip=backend.loaded)
-                backend.flush(conn)
+                behind = held.interval > 0
+                if behind and backend.jid:
+                    conn.execute(
+                        "INSERT INTO journal (id, body) VALUES (?, ?)", (backend.jid, group.body)
+                    )
+                    self._journal_newest = backend.jid
+                due, trim = held.due(self.clock(), self._journal_newest or 0)
+                write_rows(conn, due)
+                mark_written(held, due)
+                self.pipeline.rows_written += len(due)
+                group.wrote += due
+                if trim:
+                    self._trim(conn, trim)
+                backend.flush_counter(conn)
                 self.add_stats(
                     conn, outcome_counts(group.requests, group.results, group.counts), time.time()
                 )
+                held.evict()
+                delta = backend.delta() if behind else OverlayDelta()
+                delta.written = [(key, state.jid) for key, state in due] if behind else []
+                delta.reset = reset
+                group.delta = delta
             except BaseException:
-                # the merge changed rows taken from the cache that are now rolled back
-                self.row_cache.clear()
+                # the states may hold what is rolled back now: dropped, the journal replayed
+                self._caught_up = False
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 raise
         except _UNAVAILABLE as exc:
             # Reopen on the next commit: a connection that fell back to read-only, or whose
             # file went bad, would otherwise keep failing after the fault is fixed.
-            self.row_cache.clear()
+            self._caught_up = False
             self._close_writer()
             raise StoreUnavailable(str(exc)) from exc
-        group.written = backend.written
         group.created_ids = backend.created_ids
+        group.epoch = held.epoch
+
+    def _trim(self, conn: apsw.Connection, upto: int) -> None:
+        """Delete the journal rows whose updates every profile row holds now."""
+        conn.execute("DELETE FROM journal WHERE id <= ?", (upto,))
+        if self._journal_newest is not None and self._journal_newest <= upto:
+            self._journal_newest = None
+
+    def _catch_up(self, conn: apsw.Connection) -> list[Any]:
+        """In a write transaction: drop the held states and replay the journal into the rows
+        (after a restart, a failed group, or another connection's replay), so that the file's
+        rows hold every committed update. Returns the states written."""
+        held = self.writeback
+        held.drop()
+        rows = conn.execute("SELECT id, body FROM journal ORDER BY id").fetchall()
+        for jid, body in rows:
+            number = int(jid)  # type: ignore[arg-type]
+            backend = GroupBackend(self, conn, pipelined=False, replay=number)
+            self.merger.apply(backend, decode_group(body), replay=number)  # type: ignore[arg-type]
+            backend.seal()
+        due = held.everything()
+        write_rows(conn, due)
+        mark_written(held, due)
+        if rows:
+            conn.execute("DELETE FROM journal")
+            log.info(
+                "replayed %d journal groups into %d profile rows of %s",
+                len(rows),
+                len(due),
+                self.path,
+            )
+        self.pipeline.replayed += len(rows)
+        self._journal_newest = None
+        self._caught_up = True
+        return due
+
+    def catch_up(self) -> None:
+        """Replay what the journal holds into the profile rows: the server does it when it
+        starts (after a crash, the journal holds what was acknowledged and not written); the
+        first group of any store does it too, and so does `fresh`."""
+        self.sync(full=True)
+
+    def sync(self, full: bool = True) -> OverlayDelta:
+        """Write profile rows now, in a transaction of their own: every changed profile's
+        (`full`: the journal is emptied), or the part of the current cycle that is due."""
+        with self._merge_lock:
+            if self._inflight is not None:
+                self._inflight.done.wait()  # its readers' changes go first
+            return self._sync(full)
+
+    def _sync(self, full: bool) -> OverlayDelta:
+        held = self.writeback
+        wrote: list[Any] = []
+        with self._write_lock:
+            try:
+                conn = self._writer()
+                if self._faulted is not None:
+                    self._recover(conn)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._changed_elsewhere(conn)
+                    reset = False
+                    if not self._caught_up:
+                        wrote = self._catch_up(conn)
+                        reset = True
+                    if full:
+                        due, trim = held.everything(), self._journal_newest
+                        reset = True
+                    else:
+                        due, trim = held.due(self.clock(), self._journal_newest or 0)
+                    write_rows(conn, due)
+                    mark_written(held, due)
+                    self.pipeline.rows_written += len(due)
+                    wrote += due
+                    if trim:
+                        self._trim(conn, trim)
+                    held.evict()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._caught_up = False
+                    if not conn.getautocommit():
+                        conn.execute("ROLLBACK")
+                    raise
+            except _UNAVAILABLE as exc:
+                self._caught_up = False
+                self._close_writer()
+                raise StoreUnavailable(str(exc)) from exc
+            finally:
+                for _, state in wrote:
+                    done_writing(state)
+        self._sync_wal()
+        delta = OverlayDelta(written=[(key, state.jid) for key, state in wrote], reset=reset)
+        self.overlay.apply(delta)
+        return delta
+
+    def idle(self) -> OverlayDelta | None:
+        """When no group comes: write the rows that are due (write-behind), if any."""
+        if self.writeback.interval <= 0 or not (self.writeback.has_dirty() or self._journal_newest):
+            return None
+        return self.sync(full=False)
+
+    def fresh(self) -> None:
+        """Make the file's rows hold every acknowledged update, for a read that scans them
+        (with write-behind, the newest updates of a profile may be only in the journal)."""
+        if self.syncer is not None:  # the writer process holds them
+            if self.overlay:
+                self.syncer()
+            return
+        if self.overlay:
+            self.sync(full=True)
+            return
+        # This store holds nothing unwritten; a server on the same file may.
+        if self._reader().execute("SELECT 1 FROM journal LIMIT 1").fetchone() is not None:
+            self.sync(full=True)
 
     @staticmethod
     def _ask(
@@ -498,17 +676,17 @@ class SqliteStore:
         """Read the next group's profiles (and the logs it may need) in this group's
         transaction, which shows what this group wrote, through the connection whose page
         cache holds those pages. The next group is then merged while this one commits."""
-        if group.written is None:
-            return
         known = self._token_ids
         if any(u.token not in known for updates in requests for u in updates):
             return  # a project this transaction may have created is not committed yet
-        backend = GroupBackend(self, self._writer(), group.written, pipelined=True)
+        backend = GroupBackend(self, self._writer(), pipelined=True)
         try:
             loaded = self.merger.load(backend, requests)
             backend.preload_logs(self.merger.logs_wanted(loaded))
         except _UNAVAILABLE:
             return  # the COMMIT will tell
+        except NeedsSerial:
+            return
         except Exception:  # the next group is merged without it, and fails there if it must
             log.exception("reading the next group's profiles ahead failed")
             return
@@ -525,6 +703,7 @@ class SqliteStore:
             conn.execute("COMMIT")
         except BaseException:
             self._dv = None  # the next group starts from the file
+            self._caught_up = False
             try:
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
@@ -539,18 +718,6 @@ class SqliteStore:
     def await_group(self, group: Group) -> list[Applied]:
         """The group's results once its COMMIT has returned; raises what the COMMIT raised."""
         group.done.wait()
-        # No later group has started (none holds the merge lock): the cache takes this
-        # group's busy logs now rather than when the next group is written.
-        if self._inflight is group and self._merge_lock.acquire(blocking=False):
-            try:
-                if self._inflight is group:
-                    self._inflight = None
-                    if group.error is None and group.written:
-                        remember(self.row_cache, group.written)
-                    else:
-                        self.row_cache.clear()
-            finally:
-                self._merge_lock.release()
         error = group.error
         if error is None:
             return group.results
@@ -646,22 +813,34 @@ class SqliteStore:
     # --- profiles -------------------------------------------------------------------------
 
     def get_profiles(self, project_id: int, distinct_ids: Sequence[str]) -> list[tuple[str, Props]]:
+        """The profiles that exist among these distinct_ids, each as of its newest
+        acknowledged update (from the overlay when its row is not written yet)."""
         conn = self._reader()
         out = []
-        with conn:  # one read snapshot for the whole answer
-            for did in dict.fromkeys(distinct_ids):
-                row = conn.execute(
-                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? "
-                    "AND props IS NOT NULL",
-                    (project_id, did),
-                ).fetchone()
-                if row is not None:
-                    out.append((did, orjson.loads(row[0])))
+        for did in dict.fromkeys(distinct_ids):
+            found = self._props(conn, project_id, did)
+            if found is not None:
+                out.append((did, found))
         return out
+
+    def _props(self, conn: apsw.Connection, project_id: int, distinct_id: str) -> Props | None:
+        """One profile's props: the overlay's when it holds the profile, else the file's.
+        The file is read after the overlay was asked, in a read of its own: an entry leaves the
+        overlay only once the row holding it has committed, so the read sees that row."""
+        held = self.overlay.get((project_id, distinct_id))
+        if held is not None:
+            return orjson.loads(held[1]) if held[1] is not None else None
+        row = conn.execute(
+            "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? "
+            "AND props IS NOT NULL",
+            (project_id, distinct_id),
+        ).fetchone()
+        return orjson.loads(row[0]) if row is not None else None
 
     def list_profiles(
         self, project_id: int, limit: int, offset: int
     ) -> tuple[int, list[tuple[str, Props]]]:
+        self.fresh()
         conn = self._reader()
         with conn:
             total = _one(
@@ -677,6 +856,7 @@ class SqliteStore:
         return int(total), [(str(did), orjson.loads(p)) for did, p in rows]  # type: ignore[arg-type]
 
     def profile_history(self, project_id: int, distinct_id: str) -> list[dict[str, Any]]:
+        self.fresh()
         conn = self._reader()
         key = (project_id, distinct_id)
         with conn:
@@ -689,6 +869,7 @@ class SqliteStore:
     # --- web page -------------------------------------------------------------------------
 
     def count_profiles(self, project_id: int) -> int:
+        self.fresh()
         return int(
             _one(
                 self._reader(),
@@ -711,6 +892,7 @@ class SqliteStore:
         query-language expression; a syntax error raises ValueError with its position.
         """
         where_sql = self.compile_where(where) if where else None
+        self.fresh()
         sql, args = browse_query(
             "?",
             "props",
@@ -735,6 +917,7 @@ class SqliteStore:
     def property_names(self, project_id: int, sample: int = 500) -> list[str]:
         """Property names seen in a sample of the project's profiles (for column pickers)."""
         names: set[str] = set()
+        self.fresh()
         rows = self._reader().execute(
             "SELECT props FROM profiles WHERE project_id = ? AND props IS NOT NULL LIMIT ?",
             (project_id, sample),
@@ -745,6 +928,7 @@ class SqliteStore:
 
     def profile_detail(self, project_id: int, distinct_id: str) -> dict[str, Any] | None:
         """The materialized profile, its base snapshot, tombstone and update log, read at once."""
+        self.fresh()
         conn = self._reader()
         with conn:
             row = conn.execute(
@@ -785,7 +969,7 @@ class SqliteStore:
         if not counts:
             return
         minute = int(now // 60)
-        ids = GroupBackend(self, conn, {}, pipelined=False).project_ids(
+        ids = GroupBackend(self, conn, pipelined=False).project_ids(
             {token for token, _ in counts}, create=False
         )
         conn.executemany(
@@ -817,6 +1001,7 @@ class SqliteStore:
             "SELECT distinct_id FROM profiles WHERE project_id = ? AND props IS NOT NULL "  # noqa: S608
             f"AND ({cond}) ORDER BY distinct_id"  # cond is compiled SQL; values are bound
         )
+        self.fresh()
         reader = self._reader()
         total = 0
         chunk: list[tuple[str, int, str]] = []
@@ -892,14 +1077,10 @@ class SqliteStore:
                     (session_id, offset, offset + limit),
                 )
             ]
-            out: list[tuple[str, Props | None]] = []
-            for did in ids:
-                found = conn.execute(
-                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ?",
-                    (project_id, did),
-                ).fetchone()
-                props = found[0] if found is not None else None
-                out.append((did, orjson.loads(props) if props is not None else None))
+        # each profile as it is now (a read of its own after the overlay is asked)
+        out: list[tuple[str, Props | None]] = [
+            (did, self._props(conn, project_id, did)) for did in ids
+        ]
         return session, out
 
     def iter_profiles(
@@ -911,6 +1092,7 @@ class SqliteStore:
             f"AND distinct_id > ? AND ({cond}) ORDER BY distinct_id LIMIT ?"
         )
         last = ""
+        self.fresh()
         while True:
             conn = self._reader()
             with _deadline(conn, timeout):

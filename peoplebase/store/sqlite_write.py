@@ -2,24 +2,27 @@
 
 A group goes through two phases on the thread that sends it, and its COMMIT runs on a third:
 
-1. **Merge** (`GroupBackend` in pipelined mode): the group's profiles are read through a
-   read-only connection, and through the states the previous group left in memory
-   (`Written`) for the profiles it wrote, because that group may still be committing. No
-   SQL is written yet: `save_profiles` only computes the rows.
+1. **Merge** (`GroupBackend`): the group's profiles come from the states the writer holds in
+   memory (writeback.py: every profile changed and not written yet, and recently used ones)
+   or, for the others, from the file. While the previous group commits, the merge reads the
+   file through a read-only connection (pipelined mode). Nothing is written: `save_profiles`
+   brings the states up to date (encoded props, tail, chunks to write).
 2. **Write**: once the previous group's COMMIT has ended (the write lock is free), `BEGIN
-   IMMEDIATE` on the write connection, the rows are written (`flush`), and the group is
-   handed to the `Committer` thread, which runs COMMIT and releases the write lock.
+   IMMEDIATE` on the write connection, the group's journal row and the rows that are due
+   (`write_rows`; with write-through, those the group changed), and the group is handed to
+   the `Committer` thread, which runs COMMIT and releases the write lock.
 3. **COMMIT** (with `synchronous=FULL`, its fsync) runs in the committer thread, outside the
    interpreter lock, while the sending thread merges the next group. A request is answered
-   only when its group's COMMIT has returned (`SqliteStore.await_group`).
+   only when its group's COMMIT has returned (`SqliteStore.await_group`), after the readers'
+   overlay has taken the group's changes (`OverlayDelta`).
 
 A merge made in phase 1 is used only if nothing changed under it: the previous group
-committed, and no other connection committed to the file since (`PRAGMA data_version`, read
-in the write transaction). Otherwise the group is merged again inside the write transaction,
-through the write connection (serial mode), as it is when it needs a new project.
+committed, and no other connection committed since (`PRAGMA data_version`, read in the write
+transaction). Otherwise the group is merged again inside the write transaction, through the
+write connection (serial mode), as it is when it needs a new project.
 
 The update log is kept in the profile row (`tail`) and in `log_chunks`: appending to it
-rewrites only the row the merge rewrites anyway; the stored log is read and rewritten whole
+changes only the row the merge changes anyway; the stored log is read and rewritten whole
 only for late records, deletes and compaction.
 """
 
@@ -39,7 +42,7 @@ import orjson
 from ..merge import LOG_ORDER, Key, LogEntry, ProfileRow
 from ..types import Applied, Update
 from .base import hash_secret, new_secret
-from .rowcache import Cached, RowCache
+from .writeback import ProfileState, WriteBack
 
 if TYPE_CHECKING:
     from .sqlite import SqliteStore
@@ -75,29 +78,23 @@ def read_log(
     key: Key,
     tail: bytes | None,
     chunks: int,
-    spill: tuple[int, bytes] | None = None,
+    spills: Sequence[tuple[int, bytes]] = (),
+    skip: Container[int] = (),
 ) -> list[RawEntry]:
-    """A profile's stored log (chunks and tail), in ($time, seq) order.
-
-    `spill` is a chunk written by a group that may not have committed yet: it replaces the
-    stored chunk of the same `last_seq`, whether the connection sees that one or not.
-    """
+    """A profile's stored log, in ($time, seq) order: its chunk rows in the file (none are read
+    when `chunks` is 0; those whose `last_seq` is in `skip` are left out), the chunks not in the
+    file yet (`spills`), and its tail."""
     loads = orjson.loads
     raw: list[RawEntry] = []
     if chunks:
-        if spill is None:
-            for (blob,) in conn.execute(
-                "SELECT entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?", key
-            ):
+        for last_seq, blob in conn.execute(
+            "SELECT last_seq, entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?",
+            key,
+        ):
+            if last_seq not in skip:
                 raw.extend(loads(blob))
-        else:
-            for last_seq, blob in conn.execute(
-                "SELECT last_seq, entries FROM log_chunks WHERE project_id = ? AND distinct_id = ?",
-                key,
-            ):
-                if last_seq != spill[0]:
-                    raw.extend(loads(blob))
-            raw.extend(loads(spill[1]))
+    for _, blob in spills:
+        raw.extend(loads(blob))
     if tail is not None:
         raw.extend(loads(tail))
     raw.sort(key=_entry_order)
@@ -124,64 +121,62 @@ class PipelineStats:
     preloaded: int = 0  # their profiles read inside the previous group's transaction
     merged_again: int = 0  # merged again inside their transaction: the state they used changed
     logs_read_late: int = 0  # stored logs read after the preload (the prediction missed them)
+    rows_written: int = 0  # profile rows written
+    replayed: int = 0  # journal rows replayed (catch_up)
 
 
 class NeedsSerial(Exception):
-    """The merge cannot be made outside the write transaction (it must create a project)."""
+    """The merge cannot be made outside the write transaction (it must create a project, or
+    read a log whose rows a transaction still in flight writes)."""
 
 
 @dataclass(slots=True)
-class Written:
-    """A profile as a group left it, for the next group while this one may still commit."""
+class OverlayDelta:
+    """What a committed transaction changes for readers of profiles (store/overlay.py)."""
 
-    row: ProfileRow
-    tail: bytes | None  # the row's `tail` column
-    tail_n: int
-    chunks: int
-    log: list[LogEntry] | None  # the whole stored log after the group, when the group read it
-    keys: set[int] | None  # its retry keys, when a retry check asked for them
-    spill: tuple[int, bytes] | None  # (last_seq, entries) of the chunk the group wrote
+    # profiles whose state changed: (key, the group's journal id, props JSON or None)
+    changed: list[tuple[Key, int, str | None]] = field(default_factory=list)
+    # rows written: (key, the journal id of the state written)
+    written: list[tuple[Key, int]] = field(default_factory=list)
+    # every row is current (a full write or a catch-up): readers may forget what they hold
+    reset: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.written or self.reset)
 
 
 class GroupBackend:
-    """MergeBackend for one group: reads through `reader` and `previous`, writes in `flush`.
+    """MergeBackend for one group over the states the writer holds (writeback.py) and the file.
 
-    Pipelined (`pipelined=True`): `reader` is the store's read-only merge connection and
-    `previous` the states of the group before, which may be committing; sequence numbers come
-    from the store's counter in memory. Serial: `reader` is the write connection inside the
-    write transaction and `previous` is empty. Busy profiles' rows and decoded logs come from
-    the store's cache when it has them.
+    Pipelined (`pipelined=True`): `reader` is the store's read-only merge connection, and the
+    group before may still be committing; sequence numbers come from the store's counter in
+    memory. Serial: `reader` is the write connection inside the write transaction. A profile
+    the writer holds is taken from memory; any other is read from the file. Nothing is written
+    here: `save_profiles` updates the states, and the store writes rows when they are due.
     """
 
     def __init__(
         self,
         store: SqliteStore,
         reader: apsw.Connection,
-        previous: dict[Key, Written],
         pipelined: bool,
+        replay: int | None = None,
     ) -> None:
         self.store = store
         self.reader = reader
-        self.previous = previous
         self.pipelined = pipelined
-        self._tails: dict[Key, tuple[bytes | None, int, int]] = {}  # tail, tail_n, chunks
-        self._spills: dict[Key, tuple[int, bytes]] = {}  # previous group's chunks, per profile
-        # stored logs read (or taken from the cache) in this group, in no particular order
-        self._logs: dict[Key, list[LogEntry]] = {}
-        self._keys: dict[Key, set[int]] = {}  # the retry keys of some of them
+        self.held = store.writeback
+        self.epoch = self.held.epoch
+        self.replay = replay  # the journal id of the group replayed (catch_up), if any
+        self.states: dict[Key, ProfileState] = {}  # this group's profiles
         self._rewrite: set[Key] = set()  # stored logs to write back whole
         self._new: dict[Key, list[LogEntry]] = {}
-        self._cache: RowCache = store.row_cache
         self.loaded: dict[Key, ProfileRow] = {}
         self.created_ids: dict[str, int] = {}  # projects created in this transaction
-        self.written: dict[Key, Written] = {}
+        self.jid = 0  # the group's first arrival number: its journal id
         self._seq_end: int | None = None
         self.logs_read = 0  # stored logs read from the file
-        # the rows to write, computed by save_profiles, written by flush
-        self._cleared: list[Key] = []
-        self._spilled: list[tuple[int, str, int, bytes]] = []
-        self._inserts: list[tuple[Any, ...]] = []
-        self._updates: list[tuple[Any, ...]] = []
+        self.saved: list[tuple[Key, ProfileState]] = []  # changed by this group
 
     def project_ids(self, tokens: Iterable[str], create: bool) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -213,10 +208,14 @@ class GroupBackend:
 
     def next_seq(self, count: int) -> int:
         store = self.store
+        if self.replay is not None:
+            self.jid = self.replay  # a journal row's group keeps its arrival numbers
+            return self.replay
         if self.pipelined:
             start = store._seq + 1
             store._seq += count
             self._seq_end = store._seq
+            self.jid = start
             return start
         # the counter in memory may be ahead of the file after a failed group: never go back
         value = int(
@@ -227,36 +226,24 @@ class GroupBackend:
             )
         )
         store._seq = value
-        return value - count + 1
+        self.jid = value - count + 1
+        return self.jid
 
     def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]:
         out: dict[Key, ProfileRow] = {}
-        tails = self._tails
-        previous = self.previous
+        states = self.states
+        held = self.held
         loads = orjson.loads
         by_project: dict[int, list[str]] = {}
-        take = self._cache.take
         for key in keys:
-            written = previous.get(key)
-            if written is not None:
-                out[key] = written.row
-                tails[key] = (written.tail, written.tail_n, written.chunks)
-                if written.log is not None:
-                    self._logs[key] = written.log
-                elif written.spill is not None:
-                    self._spills[key] = written.spill
-                if written.keys is not None:
-                    self._keys[key] = written.keys
-                continue
-            cached = take(key)
-            if cached is None:
+            state = held.get(key)
+            if state is None:
                 by_project.setdefault(key[0], []).append(key[1])
                 continue
-            out[key] = cached.row
-            tails[key] = (cached.tail, cached.tail_n, cached.chunks)
-            self._logs[key] = cached.log
-            if cached.keys is not None:
-                self._keys[key] = cached.keys
+            states[key] = state
+            out[key] = state.row
+            if state.log is not None:
+                held.log_hits += 1
         cur = self.reader.cursor()
         for pid, dids in by_project.items():
             # one statement per chunk of ids rather than one per profile
@@ -264,7 +251,7 @@ class GroupBackend:
                 chunk = dids[start : start + _LOAD_CHUNK]
                 sql = (
                     "SELECT distinct_id, props, last_time, base, tomb, log_min, log_n, log_floor, "  # noqa: S608
-                    "tail, tail_n, chunks FROM profiles WHERE project_id = ? AND distinct_id IN "
+                    "tail, tail_n, chunks, jid FROM profiles WHERE project_id = ? AND distinct_id IN "
                     f"({','.join('?' * len(chunk))})"
                 )
                 for (
@@ -279,9 +266,10 @@ class GroupBackend:
                     tail,
                     n,
                     chunks,
+                    jid,
                 ) in cur.execute(sql, (pid, *chunk)):
                     key = (pid, did)
-                    out[key] = ProfileRow(
+                    row = ProfileRow(
                         loads(props) if props is not None else None,
                         last_time,
                         loads(base) if base is not None else None,
@@ -289,23 +277,47 @@ class GroupBackend:
                         log_min,
                         log_n,
                         log_floor,
+                        jid=jid,
                     )
-                    tails[key] = (tail, n, chunks)
+                    out[key] = row
+                    states[key] = ProfileState(
+                        row, props, base, row.base, tail, n, chunks, in_file=True, jid=jid
+                    )
         self.loaded = out
         return out
 
     def load_log(self, key: Key) -> list[LogEntry]:
-        log = self._logs.get(key)
+        state = self.states.get(key)
+        if state is None:
+            return []  # a profile new in this group: nothing stored
+        log = state.log
         if log is None:
             self.logs_read += 1
-            tail, _, chunks = self._tails.get(key, (None, 0, 0))
-            did = key[1]
-            log = self._logs[key] = [
-                LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
-                for t, s, received, d, body in read_log(
-                    self.reader, key, tail, chunks, self._spills.get(key)
+            if state.writing and self.reader is not self.store._write_conn:
+                # Its row and chunks are written by a transaction that may not have committed
+                # yet: whether this connection sees them or not, take those from memory.
+                raw = read_log(
+                    self.reader,
+                    key,
+                    state.tail,
+                    0 if state.inflight_cleared else 1,
+                    [*state.inflight, *state.spills],
+                    {last_seq for last_seq, _ in state.inflight},
                 )
+            else:
+                raw = read_log(
+                    self.reader,
+                    key,
+                    state.tail,
+                    0 if state.cleared else state.file_chunks,
+                    state.spills,
+                )
+            did = key[1]
+            log = state.log = [
+                LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
+                for t, s, received, d, body in raw
             ]
+            state.keys = None
         return log
 
     def preload_logs(self, keys: Iterable[Key]) -> None:
@@ -314,72 +326,73 @@ class GroupBackend:
             self.load_log(key)
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
-        keys = self._keys.get(key)
+        state = self.states.get(key)
+        if state is None:
+            return False
+        keys = state.keys
         if keys is None:
-            keys = self._keys[key] = {e.dedup for e in self.load_log(key) if e.dedup is not None}
+            keys = state.keys = {e.dedup for e in self.load_log(key) if e.dedup is not None}
         return dedup in keys
 
     def delete_log(self, key: Key, before: float) -> None:
-        self._logs[key] = [e for e in self.load_log(key) if e.time >= before]
-        self._keys.pop(key, None)
+        log = [e for e in self.load_log(key) if e.time >= before]
+        state = self.states.get(key)
+        if state is None:  # a profile new in this group
+            state = self.states[key] = _new_state(ProfileRow())
+        state.log = log
+        state.keys = None
         self._rewrite.add(key)
 
     def insert_log(self, key: Key, entries: Sequence[LogEntry]) -> None:
-        """Buffered: written with the profile row in save_profiles."""
+        """Buffered: joins the profile's tail in save_profiles."""
         self._new.setdefault(key, []).extend(entries)
 
     def save_profiles(self, rows: Sequence[tuple[Key, ProfileRow]]) -> None:
-        """Compute the rows to write (flush writes them) and what the next group starts from.
+        """Bring the changed profiles' states up to date: encoded props, tail, chunks to write.
 
         The merger calls this once per group, after every delete_log and insert_log.
         """
-        tails = self._tails
+        states = self.states
+        jid = self.jid
         for key, row in rows:
-            tail, n, chunks = tails.get(key, (None, 0, 0))
+            state = states.get(key)
+            if state is None:  # a profile new to the file
+                state = states[key] = _new_state(row)
             new = self._new.pop(key, None)
-            added = raw_entries(new) if new else None
+            tail, n = state.tail, state.tail_n
             rewrite = key in self._rewrite
             if rewrite:
-                if chunks:
-                    self._cleared.append(key)
-                    chunks = 0
-                entries = sorted(self._logs[key], key=LOG_ORDER)
+                # the whole log goes back into the tail; the file's chunks are dropped
+                state.cleared = state.cleared or state.file_chunks > 0
+                state.spills = []
+                entries = sorted(state.log or (), key=LOG_ORDER)
                 tail = orjson.dumps(raw_entries(entries)) if entries else None
                 n = len(entries)
-            if added:
-                tail = _append(tail, orjson.dumps(added))
-                n += len(added)
-            spill = None
+            if new:
+                tail = _append(tail, orjson.dumps(raw_entries(new)))
+                n += len(new)
             if (
                 (new or rewrite)
                 and tail is not None
                 and (n > TAIL_MAX_ENTRIES or len(tail) > TAIL_MAX_BYTES)
             ):
                 # seqs only grow: the newest entry's seq names the chunk uniquely
-                newest = new[-1].seq if new else max(e.seq for e in self._logs[key])
-                spill = (newest, tail)
-                self._spilled.append((key[0], key[1], newest, tail))
-                tail, n, chunks = None, 0, chunks + 1
-            tails[key] = (tail, n, chunks)
-            (self._updates if key in self.loaded else self._inserts).append(
-                (
-                    _dumps(row.props) if row.props is not None else None,
-                    row.last_time,
-                    _dumps(row.base) if row.base is not None else None,
-                    row.tomb,
-                    row.log_min,
-                    row.log_n,
-                    row.log_floor,
-                    tail,
-                    n,
-                    chunks,
-                    key[0],
-                    key[1],
-                )
-            )
+                assert new or state.log is not None
+                newest = new[-1].seq if new else max(e.seq for e in state.log or ())
+                state.spills.append((newest, tail))
+                tail, n = None, 0
+            state.tail, state.tail_n = tail, n
+            state.row = row
+            state.props_json = _dumps(row.props) if row.props is not None else None
+            if row.base is not state.base_src:
+                state.base_json = _dumps(row.base) if row.base is not None else None
+                state.base_src = row.base
+            row.jid = state.jid = jid
+            row.dirty = False
+            state.dirty = True
             # the stored log as this group leaves it, when the group read it
-            log = self._logs.get(key)
-            keys = self._keys.get(key)
+            log = state.log
+            keys = state.keys
             if log is not None and new:
                 for entry in new:  # from now on, entries of an earlier group
                     entry.request = -1
@@ -387,47 +400,23 @@ class GroupBackend:
                     if keys is not None and entry.dedup is not None:
                         keys.add(entry.dedup)
                 log.extend(new)  # in no particular order: every reader sorts
-            row.dirty = False
-            self.written[key] = Written(row, tail, n, chunks, log, keys, spill)
+            self.saved.append((key, state))
         if self._new:
             raise AssertionError(f"log entries of unsaved profiles: {list(self._new)[:3]}")
 
     def seal(self) -> None:
-        """After the merge: the profiles read but not written are handed on as they were."""
-        for key, row in self.loaded.items():
-            if key not in self.written:
-                tail, n, chunks = self._tails[key]
-                self.written[key] = Written(
-                    row, tail, n, chunks, self._logs.get(key), self._keys.get(key), None
-                )
+        """After the merge: hold every profile of the group, changed or not, as used last."""
+        hold = self.held.hold
+        for key, state in self.states.items():
+            hold(key, state)
 
-    def flush(self, conn: apsw.Connection) -> None:
-        """Write the group's rows, in the open write transaction."""
-        if self._cleared:
-            conn.executemany(
-                "DELETE FROM log_chunks WHERE project_id = ? AND distinct_id = ?", self._cleared
-            )
-        if self._spilled:
-            conn.executemany(
-                "INSERT INTO log_chunks (project_id, distinct_id, last_seq, entries) "
-                "VALUES (?, ?, ?, ?)",
-                self._spilled,
-            )
-        if self._inserts:
-            conn.executemany(
-                "INSERT INTO profiles (props, last_time, base, tomb, log_min, log_n, log_floor, "
-                "tail, tail_n, chunks, project_id, distinct_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                self._inserts,
-            )
-        if self._updates:
-            # a plain UPDATE finds each row with one seek
-            conn.executemany(
-                "UPDATE profiles SET props = ?, last_time = ?, base = ?, tomb = ?, log_min = ?, "
-                "log_n = ?, log_floor = ?, tail = ?, tail_n = ?, chunks = ? "
-                "WHERE project_id = ? AND distinct_id = ?",
-                self._updates,
-            )
+    def delta(self) -> OverlayDelta:
+        """The states this group changed, for readers once its transaction has committed."""
+        return OverlayDelta([(key, s.jid, s.props_json) for key, s in self.saved])
+
+    def flush_counter(self, conn: apsw.Connection) -> None:
+        """The arrival counter, as far as this group used it (pipelined merges count in
+        memory)."""
         if self._seq_end is not None:
             conn.execute(
                 "UPDATE counters SET value = ? WHERE name = 'seq' AND value < ?",
@@ -435,19 +424,73 @@ class GroupBackend:
             )
 
 
-def remember(cache: RowCache, written: dict[Key, Written], skip: Container[Key] = ()) -> None:
-    """After a group committed: keep its busy profiles' logs for later groups.
+def _new_state(row: ProfileRow) -> ProfileState:
+    """The state of a profile the file has no row for."""
+    return ProfileState(row, None, None, None, None, 0, 0, in_file=False)
 
-    `skip` are the profiles the next group read from `written`: that group hands them on.
-    """
-    if not cache.budget:
-        return
-    for key, state in written.items():
-        if state.log is None or key in skip:
-            continue
-        cache.put(
-            key, Cached(state.row, state.tail, state.tail_n, state.chunks, state.log, state.keys)
+
+def write_rows(conn: apsw.Connection, due: Sequence[tuple[Key, ProfileState]]) -> None:
+    """Write these states' rows and log chunks, in the open write transaction, in key order."""
+    cleared: list[Key] = []
+    spilled: list[tuple[int, str, int, bytes]] = []
+    inserts: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
+    for key, state in due:
+        if state.cleared:
+            cleared.append(key)
+        for last_seq, entries in state.spills:
+            spilled.append((key[0], key[1], last_seq, entries))
+        row = state.row
+        values = (
+            state.props_json,
+            row.last_time,
+            state.base_json,
+            row.tomb,
+            row.log_min,
+            row.log_n,
+            row.log_floor,
+            state.tail,
+            state.tail_n,
+            state.chunks,
+            state.jid,
+            key[0],
+            key[1],
         )
+        (updates if state.in_file else inserts).append(values)
+    if cleared:
+        conn.executemany("DELETE FROM log_chunks WHERE project_id = ? AND distinct_id = ?", cleared)
+    if spilled:
+        conn.executemany(
+            "INSERT INTO log_chunks (project_id, distinct_id, last_seq, entries) "
+            "VALUES (?, ?, ?, ?)",
+            spilled,
+        )
+    if inserts:
+        conn.executemany(
+            "INSERT INTO profiles (props, last_time, base, tomb, log_min, log_n, log_floor, "
+            "tail, tail_n, chunks, jid, project_id, distinct_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            inserts,
+        )
+    if updates:
+        # a plain UPDATE finds each row with one seek
+        conn.executemany(
+            "UPDATE profiles SET props = ?, last_time = ?, base = ?, tomb = ?, log_min = ?, "
+            "log_n = ?, log_floor = ?, tail = ?, tail_n = ?, chunks = ?, jid = ? "
+            "WHERE project_id = ? AND distinct_id = ?",
+            updates,
+        )
+
+
+def mark_written(held: WriteBack, due: Sequence[tuple[Key, ProfileState]]) -> None:
+    """After write_rows: the states match their rows (once the transaction commits)."""
+    for key, state in due:
+        state.file_chunks = state.chunks
+        state.inflight, state.inflight_cleared = state.spills, state.cleared
+        state.cleared = False
+        state.spills = []
+        state.in_file = True
+        held.written(key, state)
 
 
 @dataclass(eq=False)
@@ -456,9 +499,13 @@ class Group:
 
     requests: Sequence[Sequence[Update]]
     counts: dict[tuple[str, str], int]
+    body: bytes | None = None  # the requests as the journal keeps them (journal.py)
     results: list[Applied] = field(default_factory=list)
-    written: dict[Key, Written] | None = None  # None: not usable by the next group
     created_ids: dict[str, int] = field(default_factory=dict)
+    delta: OverlayDelta = field(default_factory=OverlayDelta)
+    # the states whose rows the transaction writes: `writing` until it has committed
+    wrote: list[tuple[Key, ProfileState]] = field(default_factory=list)
+    epoch: int = 0  # the writer's epoch the group was written in
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -507,9 +554,21 @@ def finish(store: SqliteStore, group: Group) -> None:
         store._write_lock.release()
         group.done.set()
         return
+    for _, state in group.wrote:  # committed: other connections see these rows now
+        done_writing(state)
     store._write_lock.release()
     try:
         store._sync_wal()
     except BaseException as exc:
         group.error = exc
+        store._caught_up = False  # not answered: the states are taken from the file again
+    if group.error is None:
+        store.overlay.apply(group.delta)
     group.done.set()
+
+
+def done_writing(state: ProfileState) -> None:
+    """The transaction that wrote the state's row has ended."""
+    state.writing = False
+    state.inflight = []
+    state.inflight_cleared = False
