@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
+from .logindex import LOG_ORDER, insort
 from .ops import apply_update, creates, format_time, names_geo, restricted, touched
 from .types import Applied, Props, Skip, Update
 
@@ -33,8 +33,6 @@ DEFAULT_MAX_LOG_ENTRIES = 0
 # From this many log entries a late update replays only the properties it touches (see
 # refold_touched); below it the whole fold costs less than finding out what to leave out.
 TOUCHED_REPLAY_MIN = 64
-# ($time, arrival): the order a profile's log is replayed in
-LOG_ORDER = operator.attrgetter("time", "seq")
 
 
 @dataclass(slots=True)
@@ -136,7 +134,10 @@ class MergeBackend(Protocol):
 
     def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]: ...
 
-    def load_log(self, key: Key) -> list[LogEntry]: ...
+    def load_log(self, key: Key) -> list[LogEntry]:
+        """The profile's stored log, preferably in ($time, seq) order (the merger sorts it
+        once, which costs little then). Not changed by the merger."""
+        ...
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
         """Whether the profile's stored log holds an entry with this dedup key (a retry check
@@ -325,7 +326,7 @@ class Loaded:
 class _Profile:
     key: Key
     row: ProfileRow
-    log: list[LogEntry] | None = None  # loaded log + new entries, once needed
+    log: list[LogEntry] | None = None  # loaded log + new entries in LOG_ORDER, once needed
     new: list[LogEntry] = field(default_factory=list)
     purge_before: float | None = None  # delete stored log entries with time < this
     compact_before: float | None = None  # delete stored log entries with time < this
@@ -434,13 +435,15 @@ class Merger:
             stored = backend.load_log(prof.key) if prof.row.log_min is not None else []
             if prof.purge_before is not None:
                 stored = [e for e in stored if e.time >= prof.purge_before]
-            prof.log = stored + prof.new
+            log = [*stored, *prof.new]
+            log.sort(key=LOG_ORDER)  # once: entries added later are put in their place
+            prof.log = log
         return prof.log
 
     def _append(self, prof: _Profile, entry: LogEntry) -> None:
         prof.new.append(entry)
         if prof.log is not None:
-            prof.log.append(entry)
+            insort(prof.log, entry)
         row = prof.row
         row.log_min = entry.time if row.log_min is None else min(row.log_min, entry.time)
         row.log_n += 1
@@ -552,7 +555,7 @@ class Merger:
             self._fold_before(backend, prof, row.last_time - self.window)
         limit = self.max_log_entries
         if limit and row.log_n > limit:
-            times = sorted(e.time for e in self._log(backend, prof))
+            times = [e.time for e in self._log(backend, prof)]
             keep = max(1, limit * 3 // 4)
             if len(times) <= keep:  # the count was off (it is exact from here on)
                 row.log_n = len(times)

@@ -38,7 +38,7 @@ class Cached:
     tail: bytes | None  # the row's `tail` column
     tail_n: int
     chunks: int
-    log: list[LogEntry]  # the whole stored log, decoded, in no particular order
+    log: list[LogEntry]  # the whole stored log, decoded, in ($time, seq) order
     keys: set[int] | None = None  # its retry keys, once a possible retry asked for them
 
 

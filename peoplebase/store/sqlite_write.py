@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import orjson
 
-from ..merge import LOG_ORDER, Key, LogEntry, ProfileRow
+from ..logindex import insort
+from ..merge import Key, LogEntry, ProfileRow
 from ..types import Applied, Update
 from .base import hash_secret, new_secret
 from .rowcache import Cached, RowCache
@@ -166,7 +167,7 @@ class GroupBackend:
         self.pipelined = pipelined
         self._tails: dict[Key, tuple[bytes | None, int, int]] = {}  # tail, tail_n, chunks
         self._spills: dict[Key, tuple[int, bytes]] = {}  # previous group's chunks, per profile
-        # stored logs read (or taken from the cache) in this group, in no particular order
+        # stored logs read (or taken from the cache) in this group, in ($time, seq) order
         self._logs: dict[Key, list[LogEntry]] = {}
         self._keys: dict[Key, set[int]] = {}  # the retry keys of some of them
         self._rewrite: set[Key] = set()  # stored logs to write back whole
@@ -343,7 +344,7 @@ class GroupBackend:
                 if chunks:
                     self._cleared.append(key)
                     chunks = 0
-                entries = sorted(self._logs[key], key=LOG_ORDER)
+                entries = self._logs[key]
                 tail = orjson.dumps(raw_entries(entries)) if entries else None
                 n = len(entries)
             if added:
@@ -386,7 +387,7 @@ class GroupBackend:
                     entry.distinct_id = key[1]
                     if keys is not None and entry.dedup is not None:
                         keys.add(entry.dedup)
-                log.extend(new)  # in no particular order: every reader sorts
+                    insort(log, entry)  # kept in order: a rewrite writes it as it is
             row.dirty = False
             self.written[key] = Written(row, tail, n, chunks, log, keys, spill)
         if self._new:
