@@ -31,9 +31,10 @@ NEVER = -math.inf
 # late update replays the log, so a limit bounds the work one update can cause, at the price of
 # the ordering guarantee for updates older than the cut (docs/ordering.md, "How long the log is").
 DEFAULT_MAX_LOG_ENTRIES = 0
-# From this many log entries a late update replays only the properties it touches (see
-# refold_touched); below it the whole fold costs less than finding out what to leave out.
-TOUCHED_REPLAY_MIN = 64
+# From this many log entries a late update replays only the properties it touches, through the
+# log's index (see refold_touched); below it, indexing the log costs more than folding it
+# whole (the two cost the same at about 8 entries of the benchmark workload's updates).
+TOUCHED_REPLAY_MIN = 16
 
 
 @dataclass(slots=True)

@@ -130,8 +130,9 @@ def test_cached_stores_write_the_same_rows(
 
 
 def test_long_logs_agree(pair: tuple[SqliteStore, SqliteStore, SqliteStore]) -> None:
-    # logs past the 16-entry tail spill into chunks, and late updates on logs of 64 entries and
-    # more replay only the properties they touch: both read the cached decoded logs
+    # logs past the 16-entry tail spill into chunks, and late updates on logs of
+    # TOUCHED_REPLAY_MIN entries and more replay only the properties they touch, through the
+    # log's index kept with the cached row: both read the cached decoded logs
     spilled = []
 
     @hypothesis_settings(max_examples=25, deadline=None)
