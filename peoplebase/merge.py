@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import bisect
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
-from .ops import apply_update, creates, format_time, names_geo, restricted, touched
+from . import replay
+from .logindex import LOG_ORDER, LogIndex, insort
+from .ops import apply_update
 from .types import Applied, Props, Skip, Update
 
 Key = tuple[int, str]  # (project id, distinct_id)
@@ -30,11 +31,10 @@ NEVER = -math.inf
 # late update replays the log, so a limit bounds the work one update can cause, at the price of
 # the ordering guarantee for updates older than the cut (docs/ordering.md, "How long the log is").
 DEFAULT_MAX_LOG_ENTRIES = 0
-# From this many log entries a late update replays only the properties it touches (see
-# refold_touched); below it the whole fold costs less than finding out what to leave out.
-TOUCHED_REPLAY_MIN = 64
-# ($time, arrival): the order a profile's log is replayed in
-LOG_ORDER = operator.attrgetter("time", "seq")
+# From this many log entries a late update replays only the properties it touches, through the
+# log's index (see refold_touched); below it, indexing the log costs more than folding it
+# whole (the two cost the same at about 8 entries of the benchmark workload's updates).
+TOUCHED_REPLAY_MIN = 16
 
 
 @dataclass(slots=True)
@@ -52,6 +52,11 @@ class ProfileRow:
     # SQLite: the journal id of the group whose updates the stored row holds last (a replay of
     # the journal skips what the row has already)
     jid: int = 0
+    # The profile's log indexed by property (logindex.py), once a late update on a long log
+    # needed it. Not stored: it lives as long as this object, which a backend that keeps rows
+    # in memory (the SQLite log cache) hands back with the same log entries. The merger uses
+    # it only if it holds exactly the entries of the log read.
+    log_index: LogIndex | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -139,7 +144,11 @@ class MergeBackend(Protocol):
 
     def load_profiles(self, keys: Sequence[Key]) -> dict[Key, ProfileRow]: ...
 
-    def load_log(self, key: Key) -> list[LogEntry]: ...
+    def load_log(self, key: Key) -> list[LogEntry]:
+        """The profile's stored log, preferably in ($time, seq) order (the merger sorts it
+        once, which costs little then, and checks the row's `log_index` against a log in order
+        without sorting it). Not changed by the merger."""
+        ...
 
     def has_retry_key(self, key: Key, dedup: int) -> bool:
         """Whether the profile's stored log holds an entry with this dedup key (a retry check
@@ -184,135 +193,24 @@ def refold_touched(
     changed: Iterable[int],
     max_properties: int,
     watch: dict[int, list[Skip]] | None = None,
+    *,
+    index: LogIndex | None = None,
+    late: Sequence[LogEntry] | None = None,
 ) -> Props | None:
     """`fold(base, entries)` when `current` is the fold of the entries but those whose seqs are
     `changed`, replaying only the properties the changed entries touch (and `$last_seen`).
 
-    Each operation acts on each property on its own, so the other properties keep their value.
-    That holds while the property limit cannot be reached and the log holds no $delete; else
-    (and when a changed entry would create the profile earlier) the answer is None, before any
-    skip is collected, and the caller folds everything.
+    None where that would not be exact (a $delete in the log, the property limit within
+    reach, a changed entry that would create the profile earlier: replay.py), before any skip
+    is collected: the caller folds everything. `index` is `entries` indexed, when the caller
+    keeps one; `late`, the changed entries, when it has them at hand.
     """
-    changed = set(changed)
-    names: set[str] = set()
-    risky: set[str] = set()  # properties a changed entry may skip: their skips are reported
-    last_seen = False
-    everything = set(base) if base is not None else set()
-    ordered = sorted(entries, key=LOG_ORDER)
-    exists = base is not None
-    for entry in ordered:
-        ops = entry.ops
-        if "$delete" in ops:
-            return None
-        if not exists and creates(ops):
-            # the profile comes into being here in both folds, unless this is a changed entry:
-            # then it would exist earlier, and what the entries in between do would differ
-            # (geolocation and `$last_seen` apply only to a profile that exists)
-            if entry.seq in changed:
-                return None
-            exists = True
-        for value in ops.values():
-            everything.update(value)  # property names (or $unset's list of them)
-        geo = entry.geo
-        if geo:
-            everything.update(geo)
-        if entry.seq in changed:
-            names |= touched(entry) or set()
-            last_seen = last_seen or not entry.ignore_time
-            for op in ("$add", "$union", "$append"):
-                risky.update(ops.get(op, ()))
-    # the limit is never reached, whatever the order: no addition is ever skipped for it (an
-    # explicit `$last_seen`, not counted itself, is an addition when absent: hence <, not <=)
-    everything.discard("$last_seen")
-    if len(everything) >= max_properties:
-        return None
-    names -= _overwritten_later(ordered, changed, names - risky - {"$last_seen"})
-    named = "$last_seen" in names  # by an operation of a changed entry
-    if last_seen:
-        names.add("$last_seen")
-    if names == {"$last_seen"} and not named and base is not None:
-        stamp_at = _last_stamp(ordered)
-        if stamp_at is not None:  # the usual late $set: only the newest stamp matters
-            out = dict(current)
-            out["$last_seen"] = format_time(stamp_at)
-            return out
-    sub: Props | None = {k: base[k] for k in names if k in base} if base is not None else None
-    stamp = "$last_seen" in names
-    pending: float | None = None  # the `$last_seen` stamp not written into `sub` yet
-    for entry in ordered:
-        ops = entry.ops
-        if sub is None:
-            if not creates(ops):
-                continue  # no effect at all on a missing profile, not even $last_seen
-            sub = {}
-        hit = any(not names.isdisjoint(value) for value in ops.values())
-        geo = entry.geo
-        if not hit and geo and not names.isdisjoint(geo):
-            hit = not names_geo(ops.get("$set"))
-        if not hit:
-            if stamp and not entry.ignore_time:  # all the update does to these properties
-                pending = entry.time  # formatted once, when something reads it or at the end
-            continue
-        if pending is not None:
-            sub["$last_seen"] = format_time(pending)
-            pending = None
-        keys = touched(entry) or set()
-        if keys <= names:
-            applied: LogEntry | Update = entry
-        else:
-            applied = restricted(entry.update, names)
-            applied.time = entry.time
-        apply_update(
-            sub,
-            applied,
-            max_properties,
-            watch.get(entry.seq) if watch else None,
-            in_place=True,
-        )
-    # `current` exists, so an unchanged entry (or the base) creates the profile, and no changed
-    # entry creates it earlier (checked above): the replay creates it at the same entry
-    assert sub is not None
-    if pending is not None:
-        sub["$last_seen"] = format_time(pending)
-    out = dict(current)
-    for name in names:
-        if name in sub:
-            out[name] = sub[name]
-        else:
-            out.pop(name, None)
-    return out
-
-
-def _last_stamp(ordered: list[LogEntry]) -> float | None:
-    """The $time the last entry writing `$last_seen` writes it with (a profile that exists
-    throughout), or None when an operation names `$last_seen` itself."""
-    for entry in reversed(ordered):
-        if any("$last_seen" in value for value in entry.ops.values()):
-            return None
-        if not entry.ignore_time:
-            return entry.time
-    return None
-
-
-def _overwritten_later(ordered: list[LogEntry], changed: set[int], names: set[str]) -> set[str]:
-    """The names that an entry after every changed one sets or unsets: their final value does
-    not depend on anything before that entry."""
-    last = max(i for i, e in enumerate(ordered) if e.seq in changed)
-    found: set[str] = set()
-    for entry in ordered[last + 1 :]:
-        ops = entry.ops
-        values = ops.get("$set")
-        if values:
-            found.update(name for name in names if name in values)
-        unset = ops.get("$unset")
-        if unset:
-            found.update(name for name in unset if name in names)
-        geo = entry.geo
-        if geo and not names_geo(values):
-            found.update(name for name in names if name in geo)
-        if len(found) == len(names):
-            break
-    return found
+    if index is None:
+        index = LogIndex(sorted(entries, key=LOG_ORDER))
+    if late is None:
+        wanted = set(changed)
+        late = [e for e in index.entries if e.seq in wanted]
+    return replay.refold(current, base, index, late, max_properties, watch)
 
 
 @dataclass(slots=True)
@@ -328,15 +226,15 @@ class Loaded:
 class _Profile:
     key: Key
     row: ProfileRow
-    log: list[LogEntry] | None = None  # loaded log + new entries, once needed
+    log: list[LogEntry] | None = None  # loaded log + new entries in LOG_ORDER, once needed
     new: list[LogEntry] = field(default_factory=list)
     purge_before: float | None = None  # delete stored log entries with time < this
     compact_before: float | None = None  # delete stored log entries with time < this
     # After a late update the state is refolded from the log once, when the profile's updates
     # of this group are all in the log (not once per late update). Until then the state is
     # stale, and the updates whose skipped keys that fold must report wait here:
-    # seq -> (their request's result, their index in the request).
-    waiting: dict[int, tuple[Applied, int]] = field(default_factory=dict)
+    # seq -> (their log entry, their request's result, their index in the request).
+    waiting: dict[int, tuple[LogEntry, Applied, int]] = field(default_factory=dict)
 
     @property
     def stale(self) -> bool:
@@ -440,17 +338,32 @@ class Merger:
 
     def _log(self, backend: MergeBackend, prof: _Profile) -> list[LogEntry]:
         if prof.log is None:
-            stored = backend.load_log(prof.key) if prof.row.log_min is not None else []
+            row = prof.row
+            stored = backend.load_log(prof.key) if row.log_min is not None else []
             if prof.purge_before is not None:
                 stored = [e for e in stored if e.time >= prof.purge_before]
-            prof.log = stored + prof.new
+            index = row.log_index
+            if index is not None and index.holds(stored, prof.new):
+                # a stored log in order, and this group's entries (in order) after it: the
+                # index's own list, without sorting
+                prof.log = index.entries
+                return prof.log
+            log = [*stored, *prof.new]
+            log.sort(key=LOG_ORDER)  # once: entries added later are put in their place
+            if index is not None and index.holds(log):
+                log = index.entries
+            else:
+                row.log_index = None  # not of these entries (the log was read anew, or changed)
+            prof.log = log
         return prof.log
 
     def _append(self, prof: _Profile, entry: LogEntry) -> None:
         prof.new.append(entry)
-        if prof.log is not None:
-            prof.log.append(entry)
         row = prof.row
+        if row.log_index is not None:
+            row.log_index.add(entry)  # its entries are the log, if loaded
+        elif prof.log is not None:
+            insort(prof.log, entry)
         row.log_min = entry.time if row.log_min is None else min(row.log_min, entry.time)
         row.log_n += 1
 
@@ -498,7 +411,7 @@ class Merger:
             self._log(backend, prof)
             result.late += 1
         self._append(prof, entry)
-        prof.waiting[seq] = (result, u.index)
+        prof.waiting[seq] = (entry, result, u.index)
 
     def _refold(self, backend: MergeBackend, prof: _Profile) -> None:
         watch: dict[int, list[Skip]] = {seq: [] for seq in prof.waiting}
@@ -506,11 +419,20 @@ class Merger:
         log = self._log(backend, prof)
         props = None
         if row.props is not None and len(log) >= TOUCHED_REPLAY_MIN:
+            if row.log_index is None:
+                row.log_index = LogIndex(log)  # kept up to date from now on (_append)
             props = refold_touched(
-                row.props, row.base, log, prof.waiting, self.max_properties, watch
+                row.props,
+                row.base,
+                log,
+                prof.waiting,
+                self.max_properties,
+                watch,
+                index=row.log_index,
+                late=[entry for entry, _, _ in prof.waiting.values()],
             )
         row.props = props if props is not None else fold(row.base, log, self.max_properties, watch)
-        for seq, (result, index) in prof.waiting.items():
+        for seq, (_, result, index) in prof.waiting.items():
             if watch[seq]:
                 result.skips.setdefault(index, []).extend(watch[seq])
         prof.waiting = {}
@@ -543,6 +465,7 @@ class Merger:
             self._refold(backend, prof)  # skips of the updates the delete may purge
         log = self._log(backend, prof)
         prof.log = [e for e in log if e.time >= t]
+        row.log_index = None  # built again for the next late update that needs it
         prof.new = [e for e in prof.new if e.time >= t]
         prof.purge_before = t if prof.purge_before is None else max(prof.purge_before, t)
         row.tomb = t
@@ -561,7 +484,7 @@ class Merger:
             self._fold_before(backend, prof, row.last_time - self.window)
         limit = self.max_log_entries
         if limit and row.log_n > limit:
-            times = sorted(e.time for e in self._log(backend, prof))
+            times = [e.time for e in self._log(backend, prof)]
             keep = max(1, limit * 3 // 4)
             if len(times) <= keep:  # the count was off (it is exact from here on)
                 row.log_n = len(times)
@@ -584,6 +507,7 @@ class Merger:
         old = [e for e in log if e.time < cutoff]
         row.base = fold(row.base, old, self.max_properties)
         prof.log = [e for e in log if e.time >= cutoff]
+        row.log_index = None  # built again for the next late update that needs it
         prof.new = [e for e in prof.new if e.time >= cutoff]
         prof.compact_before = (
             cutoff if prof.compact_before is None else max(prof.compact_before, cutoff)

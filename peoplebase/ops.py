@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import time as _time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .types import GEO_PROPERTIES, Props, Skip, Update
+from .types import GEO_PROPERTIES, Props, Skip
 from .values import ValueTooLarge, clean_number, composite_too_large, is_number, value_key
 
 DEFAULT_MAX_PROPERTIES = 2000
@@ -183,10 +184,12 @@ def apply_update(
     max_properties: int = DEFAULT_MAX_PROPERTIES,
     skips: list[Skip] | None = None,
     in_place: bool = False,
+    stamp: bool = True,
 ) -> Props | None:
     """Apply one update to a profile and return the new profile (None: no profile).
 
-    `update.time` must already be the time the update is recorded at.
+    `update.time` must already be the time the update is recorded at. `stamp=False` leaves
+    `$last_seen` as the operations leave it (for a replay that works it out itself).
     """
     ops = update.ops
     if "$delete" in ops:
@@ -202,7 +205,7 @@ def apply_update(
         op_set(target, update.geo)
     for op, value in ops.items():
         OPERATIONS[op](target, value)
-    if not update.ignore_time:
+    if stamp and not update.ignore_time:
         profile["$last_seen"] = format_time(update.time)
     return profile
 
@@ -230,8 +233,18 @@ def touched(update: Applicable) -> set[str] | None:
     return names
 
 
-def restricted(update: Update, names: set[str]) -> Update:
-    """A copy of a (non-$delete) update that changes only the given properties.
+@dataclass(slots=True)
+class Part:
+    """Some of an update's operations and geolocation, with its time and `$ignore_time`."""
+
+    ops: dict[str, Any]
+    ignore_time: bool
+    geo: Props | None
+    time: float
+
+
+def restricted(update: Applicable, names: set[str]) -> Part:
+    """The part of a (non-$delete) update that changes only the given properties.
 
     Applied to a profile that exists, it changes those properties exactly as the whole update
     would (each operation acts on each property independently, as long as the property limit
@@ -248,14 +261,4 @@ def restricted(update: Update, names: set[str]) -> Update:
     geo = None
     if update.geo and not names_geo(update.ops.get("$set")):
         geo = {name: v for name, v in update.geo.items() if name in names} or None
-    return Update(
-        update.index,
-        update.token,
-        update.distinct_id,
-        update.time,
-        update.explicit_time,
-        update.ignore_time,
-        ops,
-        update.received,
-        geo,
-    )
+    return Part(ops, update.ignore_time, geo, update.time)

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from peoplebase.merge import Key, LogEntry, ProfileRow
+from peoplebase.merge import LOG_ORDER, Key, LogEntry, ProfileRow
 from peoplebase.store import SqliteStore, StoreUnavailable
 from peoplebase.store.writeback import ProfileState, WriteBack
 from tests.test_merge import (
@@ -170,8 +170,9 @@ def test_cached_stores_write_the_same_rows(pair: Stores) -> None:
 
 
 def test_long_logs_agree(pair: Stores) -> None:
-    # logs past the 16-entry tail spill into chunks, and late updates on logs of 64 entries and
-    # more replay only the properties they touch: both read the cached decoded logs
+    # logs past the 16-entry tail spill into chunks, and late updates on logs of
+    # TOUCHED_REPLAY_MIN entries and more replay only the properties they touch, through the
+    # log's index kept with the held row: both read the held decoded logs
     spilled = []
 
     @hypothesis_settings(max_examples=25, deadline=None)
@@ -231,6 +232,33 @@ def test_a_late_update_reads_the_cached_log(tmp_path: Path) -> None:
         store.write_group(to_updates([[rec(t, did="b", set={"p": t}) for t in range(10, 98)]]))
         store.write_group(to_updates([[rec(5, did="b", set={"p": "late"})]]))
         assert len(logs_held(store)) == 1
+    finally:
+        store.close()
+
+
+def test_cached_logs_stay_in_order(tmp_path: Path) -> None:
+    # late entries are put in their place in the kept log, in-order ones at its end: the next
+    # group gets it in ($time, seq) order, and a rewrite (a $delete) writes it as it is
+    store = open_sqlite(tmp_path / "p.db")
+    try:
+        groups = [
+            [[rec(t, add={"n": 1}, nonce=t) for t in range(10, 40)]],
+            [[rec(5, set={"p": 1}), rec(41, set={"p": 2}), rec(20, add={"n": 2})]],
+            [[rec(42, union={"l": [1]}), rec(15, set={"q": 1}), rec(15, set={"q": 2})]],
+            [[rec(12, delete=1), rec(13, append={"l": 3})]],
+        ]
+        arrived = []
+        for i, group in enumerate(groups):
+            arrived.extend(group[0])
+            store.write_group(to_updates(group))
+            if i:  # the first group read no log: nothing kept
+                ((_, cached),) = logs_held(store).items()
+                assert cached.log is not None
+                assert cached.log == sorted(cached.log, key=LOG_ORDER)
+        project = store.project_by_token(TOKEN)
+        assert project is not None
+        ((_, props),) = store.get_profiles(project.id, ["a"])
+        assert props == reference(arrived)["a"]
     finally:
         store.close()
 

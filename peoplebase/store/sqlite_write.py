@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import orjson
 
-from ..merge import LOG_ORDER, Key, LogEntry, ProfileRow
+from ..logindex import insort
+from ..merge import Key, LogEntry, ProfileRow
 from ..types import Applied, Update
 from .base import hash_secret, new_secret
 from .writeback import ProfileState, WriteBack
@@ -365,7 +366,7 @@ class GroupBackend:
                 # the whole log goes back into the tail; the file's chunks are dropped
                 state.cleared = state.cleared or state.file_chunks > 0
                 state.spills = []
-                entries = sorted(state.log or (), key=LOG_ORDER)
+                entries = state.log or []  # kept in ($time, seq) order
                 tail = orjson.dumps(raw_entries(entries)) if entries else None
                 n = len(entries)
             if new:
@@ -399,7 +400,7 @@ class GroupBackend:
                     entry.distinct_id = key[1]
                     if keys is not None and entry.dedup is not None:
                         keys.add(entry.dedup)
-                log.extend(new)  # in no particular order: every reader sorts
+                    insort(log, entry)  # kept in order: a rewrite writes it as it is
             self.saved.append((key, state))
         if self._new:
             raise AssertionError(f"log entries of unsaved profiles: {list(self._new)[:3]}")

@@ -119,7 +119,7 @@ class WriteBack:
         if log is None:
             return
         if len(log) < self.min_log or len(log) > self.log_budget // 4:
-            state.log = state.keys = None  # cheap to read again, or too big to keep
+            _forget_log(state)  # cheap to read again, or too big to keep
             return
         self._logs[key] = len(log)
         self.log_entries += len(log)
@@ -216,4 +216,10 @@ class WriteBack:
             self.log_entries -= logs.pop(key)
             kept = states.get(key)
             if kept is not None:
-                kept.log = kept.keys = None
+                _forget_log(kept)
+
+
+def _forget_log(state: ProfileState) -> None:
+    """Drop a state's decoded log, and the index the merger built of it."""
+    state.log = state.keys = None
+    state.row.log_index = None
