@@ -813,14 +813,28 @@ class SqliteStore:
     # --- profiles -------------------------------------------------------------------------
 
     def get_profiles(self, project_id: int, distinct_ids: Sequence[str]) -> list[tuple[str, Props]]:
-        """The profiles that exist among these distinct_ids, each as of its newest
-        acknowledged update (from the overlay when its row is not written yet)."""
+        """The profiles that exist among these distinct_ids, with every acknowledged update.
+
+        One profile: from the overlay when its row is not written yet, else from the file.
+        Several: all from one read of the file, once every row is written (`fresh`), so the
+        answer is one moment's state (a request that changed two of them is in both or in
+        neither)."""
+        ids = list(dict.fromkeys(distinct_ids))
         conn = self._reader()
+        if len(ids) == 1:
+            found = self._props(conn, project_id, ids[0])
+            return [(ids[0], found)] if found is not None else []
+        self.fresh()
         out = []
-        for did in dict.fromkeys(distinct_ids):
-            found = self._props(conn, project_id, did)
-            if found is not None:
-                out.append((did, found))
+        with conn:  # one read snapshot for the whole answer
+            for did in ids:
+                row = conn.execute(
+                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? "
+                    "AND props IS NOT NULL",
+                    (project_id, did),
+                ).fetchone()
+                if row is not None:
+                    out.append((did, orjson.loads(row[0])))
         return out
 
     def _props(self, conn: apsw.Connection, project_id: int, distinct_id: str) -> Props | None:
@@ -1060,6 +1074,7 @@ class SqliteStore:
     def session_page(
         self, session_id: str, project_id: int, offset: int, limit: int
     ) -> tuple[QuerySession, list[tuple[str, Props | None]]]:
+        self.fresh()  # every acknowledged update in the rows, then one snapshot of them
         conn = self._reader()
         with conn:  # one read snapshot for the page
             row = conn.execute(
@@ -1077,10 +1092,14 @@ class SqliteStore:
                     (session_id, offset, offset + limit),
                 )
             ]
-        # each profile as it is now (a read of its own after the overlay is asked)
-        out: list[tuple[str, Props | None]] = [
-            (did, self._props(conn, project_id, did)) for did in ids
-        ]
+            out: list[tuple[str, Props | None]] = []
+            for did in ids:
+                found = conn.execute(
+                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ?",
+                    (project_id, did),
+                ).fetchone()
+                props = found[0] if found is not None else None
+                out.append((did, orjson.loads(props) if props is not None else None))
         return session, out
 
     def iter_profiles(
