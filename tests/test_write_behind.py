@@ -204,12 +204,18 @@ def test_a_reader_store_on_the_same_file_sees_the_journal(tmp_path: Path) -> Non
         reader.fresh()
         assert read(reader)["a"]["p"] == 1
         server.write_group(to_updates([[rec(2, set={"p": 2})]]))
-        assert read(reader)["a"]["p"] == 1  # no overlay here: the row is behind...
-        reader.fresh()
-        assert read(reader)["a"]["p"] == 2  # ...until the reader asks for every row
-        server.write_group(to_updates([[rec(3, add={"n": 1})]]))
+        project = reader.project_by_token(TOKEN)
+        assert project is not None
+        # one profile: no overlay here, the row is behind...
+        assert reader.get_profiles(project.id, ["a"])[0][1]["p"] == 1
+        reader.fresh()  # ...until the reader asks for every row
+        assert reader.get_profiles(project.id, ["a"])[0][1]["p"] == 2
+        server.write_group(to_updates([[rec(3, set={"p": 3})]]))
+        # several profiles are read after every row is written: what the server holds too
+        assert read(reader)["a"]["p"] == 3
+        server.write_group(to_updates([[rec(4, add={"n": 1})]]))
         assert read(server)["a"] == reference(
-            [rec(1, set={"p": 1}), rec(2, set={"p": 2}), rec(3, add={"n": 1})]
+            [rec(1, set={"p": 1}), rec(2, set={"p": 2}), rec(3, set={"p": 3}), rec(4, add={"n": 1})]
         )["a"]
         reader.close()
     finally:
