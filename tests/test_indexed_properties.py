@@ -13,6 +13,7 @@ from peoplebase.query.indexes import (
     parse_names,
     postgres_index_name,
     sqlite_index_name,
+    sqlite_indexed,
 )
 from peoplebase.records import Validator
 from peoplebase.store import open_store
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.all_backends
 def make_store(db_url: str):  # type: ignore[no-untyped-def]
     stores = []
 
-    def make(names=("$email", "plan")):  # type: ignore[no-untyped-def]
+    def make(names=("$email", "plan", "plän")):  # type: ignore[no-untyped-def]
         store = open_store(db_url)
         if db_url.startswith("postgresql"):
             store.migrate()  # type: ignore[attr-defined]
@@ -46,6 +47,13 @@ def _fill(store: Any, n: int = 300) -> None:
         props = {"$email": f"u{i % 50}@x.test", "plan": rng.choice(["free", "pro", 3, 3.0, True]), "n": i}
         if i % 7 == 0:
             del props["plan"]
+        if i % 11 == 0:  # the name in a value and as a nested key: the SQLite index's
+            # substring prefilter matches these, its JSON test must not
+            props["note"] = "plan"
+            props["o"] = {"plan": "pro"}
+            props.pop("plan", None)
+        if i % 13 == 0:
+            props["plän"] = "pro"  # a name that is not ASCII
         updates.append(v.validate({"$token": "t", "$distinct_id": f"d{i}", "$set": props}, i, 1e9))
     store.write_group([updates])  # type: ignore[list-item]
 
@@ -82,6 +90,7 @@ def test_plan_uses_the_property_index(make_store, backend: str) -> None:  # type
         'properties["plan"] == "pro" or properties["n"] == 4',
         'not (properties["plan"] == "free")',
         'properties["plan"] == true',
+        'properties["plän"] == "pro"',
     ],
 )
 def test_results_equal_with_and_without_indexes(make_store, expr: str) -> None:  # type: ignore[no-untyped-def]
@@ -127,14 +136,15 @@ def test_sqlite_indexes_are_partial_and_replace_full_ones(tmp_path) -> None:  # 
     store.sync_property_indexes(("$email",))
     rows = dict(store._reader().execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'profiles_prop_%'"))
     assert list(rows) == [sqlite_index_name("$email")]
+    assert "instr(props, '\"$email\"') > 0 AND" in rows[sqlite_index_name("$email")]
     assert "IS NOT NULL" in rows[sqlite_index_name("$email")]
     _fill(store)
     v = Validator()
     store.write_group([[v.validate({"$token": "t", "$distinct_id": f"x{i}", "$set": {"a": i}}, i, 1e9) for i in range(40)]])  # type: ignore[list-item]
     index = sqlite_index_name("$email")
-    sql = "SELECT count(*) FROM profiles INDEXED BY {} WHERE project_id = 1 AND {} IS NOT NULL"
-    # sql: reviewed: our own index name and the checked expression
-    entries = _one_value(store, sql.format(f'"{index}"', "json_extract(props, '$.\"$email\"')"))
+    sql = "SELECT count(*) FROM profiles INDEXED BY {} WHERE project_id = 1 AND {}"
+    # sql: reviewed: our own index name and the checked condition
+    entries = _one_value(store, sql.format(f'"{index}"', sqlite_indexed("$email")))
     with_email = _one_value(store, "SELECT count(*) FROM profiles WHERE json_extract(props, '$.\"$email\"') IS NOT NULL")
     without = _one_value(store, "SELECT count(*) FROM profiles WHERE json_extract(props, '$.\"$email\"') IS NULL")
     assert entries == with_email > 0 and without > 0

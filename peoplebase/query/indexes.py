@@ -39,14 +39,30 @@ def sqlite_expression(name: str) -> str:
     return "json_extract(props, '$.\"" + check_name(name) + "\"')"
 
 
+def sqlite_present(name: str) -> str:
+    """A condition that holds for every profile having the property: its name, quoted as a
+    JSON key, occurs in the props text (props are written without escapes in names, and a
+    name has no quote or backslash: check_name). It is the first half of the SQLite indexes'
+    WHERE: SQLite evaluates it on every row it writes, and for a profile without the
+    property (most, for most properties) it costs a substring search instead of parsing the
+    whole props JSON for the second half."""
+    return "instr(props, '\"" + check_name(name) + "\"') > 0"
+
+
+def sqlite_indexed(name: str) -> str:
+    """The WHERE of the SQLite index of `name` (a query must name both terms to use it)."""
+    return f"{sqlite_present(name)} AND {sqlite_expression(name)} IS NOT NULL"
+
+
 def postgres_expression(name: str) -> str:
     """The indexed JSONB expression; `name` has passed check_name, so the literal is safe."""
     return "(props -> '" + check_name(name) + "')"
 
 
 def sqlite_index_name(name: str) -> str:
-    # "_nn": partial (NOT NULL) indexes; full ones of earlier versions are replaced at start
-    return postgres_index_name(name) + "_nn"
+    # "_in": partial indexes whose WHERE begins with sqlite_present; full ones ("") and those
+    # with only `IS NOT NULL` ("_nn") of earlier versions are replaced at start
+    return postgres_index_name(name) + "_in"
 
 
 def postgres_index_name(name: str) -> str:
@@ -82,7 +98,9 @@ def equality_terms(
 def sqlite_hints(node: Node | None, indexed: tuple[str, ...]) -> tuple[str, tuple[Any, ...]]:
     """Extra SQL conditions (AND-ed, with a leading ' AND ') and their parameters."""
     terms = equality_terms(node, indexed)
-    sql = "".join(f" AND {sqlite_expression(name)} = ?" for name, _ in terms)
+    sql = "".join(
+        f" AND {sqlite_present(name)} AND {sqlite_expression(name)} = ?" for name, _ in terms
+    )
     return sql, tuple(value for _, value in terms)
 
 

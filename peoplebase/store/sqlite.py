@@ -216,12 +216,12 @@ class SqliteStore:
                 if index not in existing:
                     log.info("indexing property %r (%s)", name, index)
                     # Partial: profiles without the property (most, for most properties)
-                    # cost the index nothing when written; `expr = ?` implies NOT NULL, so
-                    # equality lookups still use it.
+                    # cost the index nothing when written but a substring search; a query
+                    # names the same terms (indexes.sqlite_hints) to use it.
                     expression = indexes.sqlite_expression(name)
                     conn.execute(  # sql: reviewed: DDL; index name and expression are checked
                         f'CREATE INDEX "{index}" ON profiles (project_id, {expression}) '
-                        f"WHERE {expression} IS NOT NULL"
+                        f"WHERE {indexes.sqlite_indexed(name)}"
                     )
         self.analyze()
 
@@ -910,8 +910,9 @@ class SqliteStore:
         sql, args = browse_query(
             "?",
             "props",
-            "((distinct_id >= ? AND distinct_id < ?) OR json_extract(props, '$.\"$email\"') = ? "
-            "OR json_extract(props, '$.\"$name\"') = ?)",
+            "((distinct_id >= ? AND distinct_id < ?) "
+            f"OR ({indexes.sqlite_present('$email')} AND {indexes.sqlite_expression('$email')} = ?) "
+            f"OR ({indexes.sqlite_present('$name')} AND {indexes.sqlite_expression('$name')} = ?))",
             project_id,
             search,
             where_sql,
