@@ -162,18 +162,25 @@ def _answer(
 class Collector:
     """Garbage collection in the writer process, by its own schedule.
 
-    Almost everything the writer keeps between groups lives long (the log cache, the merger's
-    state, the modules), and the interpreter's full collections walk all of it: with the log
-    cache full they took a third of the writer's time in the soak, and a tenth without it.
-    After each group the survivors are frozen (`gc.freeze`: never walked again, still freed
+    Almost everything the writer keeps between groups lives long (the profiles it holds, the
+    merger's state, the modules), and the interpreter's full collections walk all of it: with
+    the log cache full they took a third of the writer's time in the soak, and a tenth without
+    it. After each group the survivors are frozen (`gc.freeze`: never walked again, still freed
     by reference counting when dropped); a full collection over everything, which also frees
     reference cycles that were frozen along, runs after the first group once `full_every`
-    seconds have passed since the last one.
+    seconds have passed since the last one. A group allocates some hundred thousand objects
+    that die with it, nearly all freed by reference counting: the youngest generation is
+    collected every YOUNG_THRESHOLD allocations instead of every 700 (2.6% fewer instructions
+    per record on the storage floor, measured with callgrind).
     """
+
+    YOUNG_THRESHOLD = 50_000
 
     def __init__(self, full_every: float = FULL_COLLECT_EVERY) -> None:
         self.full_every = full_every
         self._next_full = time.monotonic() + full_every
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(self.YOUNG_THRESHOLD, middle, old)
 
     def after_group(self) -> None:
         if time.monotonic() >= self._next_full:

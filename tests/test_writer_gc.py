@@ -18,8 +18,16 @@ class Node:
 
 @pytest.fixture(autouse=True)
 def thawed() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()  # leave the test process as it was
+    gc.set_threshold(*thresholds)
+
+
+def test_the_youngest_generation_is_collected_less_often() -> None:
+    _, middle, old = gc.get_threshold()
+    Collector(full_every=3600.0)
+    assert gc.get_threshold() == (Collector.YOUNG_THRESHOLD, middle, old)
 
 
 def cycle() -> weakref.ref[Node]:
