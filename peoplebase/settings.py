@@ -70,10 +70,11 @@ SETTINGS: tuple[Setting, ...] = (
         "log_cache",
         100_000,
         "SQLite: decoded update-log entries the writer keeps in memory between group commits "
-        "(0: off): the logs of 1,000 entries or more it had to read (late updates, possible "
-        "retries, deletes), so the next late update of such a busy profile reads and parses "
-        "nothing from the file. One log is kept only if it fits in a quarter of this. Any other "
-        "connection's commit to the file clears it. Not used with PostgreSQL.",
+        "(0: off): the logs of 16 entries or more it had to read (late updates, possible "
+        "retries, deletes), kept with the profiles it holds (held_profiles), so the next late "
+        "update of such a profile reads and parses nothing from the file. One log is kept only "
+        "if it fits in a quarter of this; the least recently used go first. Not used with "
+        "PostgreSQL.",
     ),
     Setting(
         "write_behind",
