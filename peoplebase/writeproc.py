@@ -200,10 +200,14 @@ class ProcessWriteStore:
     send the next (writer.py runs PIPELINE_DEPTH writer threads for this).
     """
 
-    # Groups in flight: one committing in the child, one being merged there, and the next
-    # already in the pipe, so the child can read its profiles ahead. Measured side by side
-    # (b50, 16 connections): 2 in flight 22.4-23.4k records/s, 3 24.4-26.8k, 4 24.5-24.9k.
-    PIPELINE_DEPTH = 3
+    # Groups in flight: one committing in the child while the next is merged there (and, when
+    # it came in time, its profiles were read ahead). Measured side by side with rows written
+    # behind (b50, 16 connections, 8 s each, alternating): 2 in flight 14.7-16.4k records/s,
+    # 3 in flight 12.3-15.3k, 1 in flight 12.9-14.5k; at b2000, 2 as fast as 3 or faster.
+    # With 3, the 16 connections' requests were spread over smaller groups. On a faster day,
+    # 2 against 3 (three runs each): b50 33.6-34.1k against 32.8-36.1k, b2000 37.3-40.5k
+    # against 38.2-40.0k: the same, with one group less held in memory.
+    PIPELINE_DEPTH = 2
 
     def __init__(self, db: str, **store_kwargs: Any) -> None:
         self.db = db
