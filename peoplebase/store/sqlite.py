@@ -487,67 +487,81 @@ class SqliteStore:
         """
         self._inflight = None
         held = self.writeback
+        with self._group_tx() as conn:
+            if self._changed_elsewhere(conn) and merged:
+                # the merge made meanwhile changed held states in place: all are dropped
+                self._caught_up = False
+            reset = False
+            if not self._caught_up:
+                group.wrote = self._catch_up(conn)
+                reset = True
+            if backend is not None and backend.epoch != held.epoch:
+                # merged (or read ahead) on states that are gone: merge again, from the file
+                self.pipeline.merged_again += 1
+                backend, loaded, merged = None, None, False
+            if not merged:
+                if backend is None:
+                    backend = GroupBackend(self, conn, pipelined=False)
+                    loaded = None
+                backend.reader = conn
+                group.results = self.merger.apply(backend, group.requests, loaded)
+                backend.seal()
+            assert backend is not None  # merged, or merged just now
+            behind = held.interval > 0
+            if behind and backend.jid:
+                conn.execute(
+                    "INSERT INTO journal (id, body) VALUES (?, ?)", (backend.jid, group.body)
+                )
+                self._journal_newest = backend.jid
+            due, trim = held.due(self.clock(), self._journal_newest or 0)
+            group.wrote += self._write_due(conn, due, trim)
+            backend.flush_counter(conn)
+            self.add_stats(
+                conn, outcome_counts(group.requests, group.results, group.counts), time.time()
+            )
+            held.evict()
+            delta = backend.delta() if behind else OverlayDelta()
+            delta.written = [(key, state.jid) for key, state in due] if behind else []
+            delta.reset = reset
+            group.delta = delta
+        group.created_ids = backend.created_ids
+        group.epoch = held.epoch
+
+    @contextmanager
+    def _group_tx(self) -> Iterator[apsw.Connection]:
+        """BEGIN IMMEDIATE, for a group or for rows written behind (under the write lock).
+
+        What raises inside rolls the transaction back, and the held states are not trusted
+        until the journal is replayed again (they may hold what was rolled back). A storage
+        fault closes the connection: reopened on the next commit, since one that fell back to
+        read-only, or whose file went bad, would otherwise keep failing after the fault is
+        fixed. The caller commits (or leaves the COMMIT to the committer thread).
+        """
         try:
             conn = self._writer()
             if self._faulted is not None:
                 self._recover(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if self._changed_elsewhere(conn) and merged:
-                    # the merge made meanwhile changed held states in place: all are dropped
-                    self._caught_up = False
-                reset = False
-                if not self._caught_up:
-                    group.wrote = self._catch_up(conn)
-                    reset = True
-                if backend is not None and backend.epoch != held.epoch:
-                    # merged (or read ahead) on states that are gone: merge again, from the file
-                    self.pipeline.merged_again += 1
-                    backend, loaded, merged = None, None, False
-                if not merged:
-                    if backend is None:
-                        backend = GroupBackend(self, conn, pipelined=False)
-                        loaded = None
-                    backend.reader = conn
-                    group.results = self.merger.apply(backend, group.requests, loaded)
-                    backend.seal()
-                assert backend is not None  # merged, or merged just now
-                behind = held.interval > 0
-                if behind and backend.jid:
-                    conn.execute(
-                        "INSERT INTO journal (id, body) VALUES (?, ?)", (backend.jid, group.body)
-                    )
-                    self._journal_newest = backend.jid
-                due, trim = held.due(self.clock(), self._journal_newest or 0)
-                write_rows(conn, due)
-                mark_written(held, due)
-                self.pipeline.rows_written += len(due)
-                group.wrote += due
-                if trim:
-                    self._trim(conn, trim)
-                backend.flush_counter(conn)
-                self.add_stats(
-                    conn, outcome_counts(group.requests, group.results, group.counts), time.time()
-                )
-                held.evict()
-                delta = backend.delta() if behind else OverlayDelta()
-                delta.written = [(key, state.jid) for key, state in due] if behind else []
-                delta.reset = reset
-                group.delta = delta
+                yield conn
             except BaseException:
-                # the states may hold what is rolled back now: dropped, the journal replayed
                 self._caught_up = False
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 raise
         except _UNAVAILABLE as exc:
-            # Reopen on the next commit: a connection that fell back to read-only, or whose
-            # file went bad, would otherwise keep failing after the fault is fixed.
             self._caught_up = False
             self._close_writer()
             raise StoreUnavailable(str(exc)) from exc
-        group.created_ids = backend.created_ids
-        group.epoch = held.epoch
+
+    def _write_due(self, conn: apsw.Connection, due: list[Any], trim: int | None) -> list[Any]:
+        """Write the rows that are due, and delete the journal rows they all hold now."""
+        write_rows(conn, due)
+        mark_written(self.writeback, due)
+        self.pipeline.rows_written += len(due)
+        if trim:
+            self._trim(conn, trim)
+        return due
 
     def _trim(self, conn: apsw.Connection, upto: int) -> None:
         """Delete the journal rows whose updates every profile row holds now."""
@@ -602,11 +616,7 @@ class SqliteStore:
         wrote: list[Any] = []
         with self._write_lock:
             try:
-                conn = self._writer()
-                if self._faulted is not None:
-                    self._recover(conn)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with self._group_tx() as conn:
                     self._changed_elsewhere(conn)
                     reset = False
                     if not self._caught_up:
@@ -617,23 +627,9 @@ class SqliteStore:
                         reset = True
                     else:
                         due, trim = held.due(self.clock(), self._journal_newest or 0)
-                    write_rows(conn, due)
-                    mark_written(held, due)
-                    self.pipeline.rows_written += len(due)
-                    wrote += due
-                    if trim:
-                        self._trim(conn, trim)
+                    wrote += self._write_due(conn, due, trim)
                     held.evict()
                     conn.execute("COMMIT")
-                except BaseException:
-                    self._caught_up = False
-                    if not conn.getautocommit():
-                        conn.execute("ROLLBACK")
-                    raise
-            except _UNAVAILABLE as exc:
-                self._caught_up = False
-                self._close_writer()
-                raise StoreUnavailable(str(exc)) from exc
             finally:
                 for _, state in wrote:
                     done_writing(state)
