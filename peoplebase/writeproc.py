@@ -196,7 +196,7 @@ class ProcessWriteStore:
 
     Groups can be pipelined: `send_group` sends a group and returns a ticket, `await_group`
     waits for that group's answer. The child commits groups in the order they were sent and
-    answers in that order, so while it commits one group the server can already pickle and
+    answers in that order, so while it commits one group the server can already encode and
     send the next (writer.py runs PIPELINE_DEPTH writer threads for this).
     """
 
