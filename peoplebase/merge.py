@@ -32,7 +32,7 @@ NEVER = -math.inf
 # the ordering guarantee for updates older than the cut (docs/ordering.md, "How long the log is").
 DEFAULT_MAX_LOG_ENTRIES = 0
 # From this many log entries a late update replays only the properties it touches, through the
-# log's index (see refold_touched); below it, indexing the log costs more than folding it
+# log's index (replay.refold); below it, indexing the log costs more than folding it
 # whole (the two cost the same at about 8 entries of the benchmark workload's updates).
 TOUCHED_REPLAY_MIN = 16
 
@@ -184,33 +184,6 @@ def fold(
             in_place=props is not None,
         )
     return props
-
-
-def refold_touched(
-    current: Props,
-    base: Props | None,
-    entries: Sequence[LogEntry],
-    changed: Iterable[int],
-    max_properties: int,
-    watch: dict[int, list[Skip]] | None = None,
-    *,
-    index: LogIndex | None = None,
-    late: Sequence[LogEntry] | None = None,
-) -> Props | None:
-    """`fold(base, entries)` when `current` is the fold of the entries but those whose seqs are
-    `changed`, replaying only the properties the changed entries touch (and `$last_seen`).
-
-    None where that would not be exact (a $delete in the log, the property limit within
-    reach, a changed entry that would create the profile earlier: replay.py), before any skip
-    is collected: the caller folds everything. `index` is `entries` indexed, when the caller
-    keeps one; `late`, the changed entries, when it has them at hand.
-    """
-    if index is None:
-        index = LogIndex(sorted(entries, key=LOG_ORDER))
-    if late is None:
-        wanted = set(changed)
-        late = [e for e in index.entries if e.seq in wanted]
-    return replay.refold(current, base, index, late, max_properties, watch)
 
 
 @dataclass(slots=True)
@@ -421,15 +394,9 @@ class Merger:
         if row.props is not None and len(log) >= TOUCHED_REPLAY_MIN:
             if row.log_index is None:
                 row.log_index = LogIndex(log)  # kept up to date from now on (_append)
-            props = refold_touched(
-                row.props,
-                row.base,
-                log,
-                prof.waiting,
-                self.max_properties,
-                watch,
-                index=row.log_index,
-                late=[entry for entry, _, _ in prof.waiting.values()],
+            late = [entry for entry, _, _ in prof.waiting.values()]
+            props = replay.refold(
+                row.props, row.base, row.log_index, late, self.max_properties, watch
             )
         row.props = props if props is not None else fold(row.base, log, self.max_properties, watch)
         for seq, (_, result, index) in prof.waiting.items():

@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peoplebase import merge as merge_module
-from peoplebase.merge import LogEntry, MemoryBackend, Merger, fold, refold_touched
+from peoplebase import replay
+from peoplebase.logindex import LOG_ORDER, LogIndex
+from peoplebase.merge import LogEntry, MemoryBackend, Merger, fold
 from peoplebase.ops import apply_update, format_time, touched
 from peoplebase.records import Validator
 from peoplebase.types import Applied, Props, Skip, Update
@@ -47,6 +49,7 @@ values = st.one_of(
 )
 names = st.sampled_from(NAMES)
 adds = st.one_of(st.integers(-5, 5), st.sampled_from([0.5, -1.5, "2", "-1"]))
+
 
 def op_strategies(names: st.SearchStrategy[str]) -> dict[str, st.SearchStrategy[Any]]:
     """A value strategy for each operation, naming properties drawn from `names`."""
@@ -229,11 +232,19 @@ def test_late_updates_in_one_group_are_replayed_once_with_their_skips(
     monkeypatch.setattr(merge_module, "fold", counting)
     (result,) = merger.apply(backend, to_updates([[late1, after, late2]]))
     # fold order: n (t2), c (t5), a (t10), then b and d find the profile full
-    assert backend.profile(TOKEN, "a") == {"n": 1, "c": 3, "a": 1, "$last_seen": format_time(T0 + 20)}
+    assert backend.profile(TOKEN, "a") == {
+        "n": 1,
+        "c": 3,
+        "a": 1,
+        "$last_seen": format_time(T0 + 20),
+    }
     assert result.late == 2
     assert {i: [k.field for k in v] for i, v in result.skips.items()} == {1: ["$set.d"]}
     assert calls == 1
-    assert backend.profile(TOKEN, "a") == reference([first, late1, after, late2], max_properties=3)["a"]
+    assert (
+        backend.profile(TOKEN, "a")
+        == reference([first, late1, after, late2], max_properties=3)["a"]
+    )
 
 
 # --- operation laws ---------------------------------------------------------------------------
@@ -699,6 +710,21 @@ def wide_entries(draw: st.DrawFn) -> list[LogEntry]:
     return out
 
 
+def refold_touched(
+    current: Props,
+    base: Props | None,
+    entries: Sequence[LogEntry],
+    changed: Sequence[int] | set[int],
+    max_properties: int,
+    watch: dict[int, list[Skip]] | None = None,
+) -> Props | None:
+    """replay.refold over `entries` in any order, the late ones given by their seqs."""
+    index = LogIndex(sorted(entries, key=LOG_ORDER))
+    wanted = set(changed)
+    late = [e for e in index.entries if e.seq in wanted]
+    return replay.refold(current, base, index, late, max_properties, watch)
+
+
 @given(st.data())
 @settings(max_examples=400, deadline=None)
 def test_replaying_touched_properties_equals_the_whole_fold(data: st.DataObject) -> None:
@@ -781,12 +807,14 @@ def test_merger_replaying_touched_properties_agrees_with_whole_folds(data: st.Da
 def test_long_log_late_update_uses_the_touched_replay(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
 
+    original = replay.refold
+
     def counted(*args: Any, **kwargs: Any) -> Props | None:
-        out = refold_touched(*args, **kwargs)
+        out = original(*args, **kwargs)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(merge_module, "refold_touched", counted)
+    monkeypatch.setattr(replay, "refold", counted)
     in_order = [
         rec(t, set={"plan": t % 3, "city": "x"}, add={"n": 1}, union={"tags": [t % 4]}, nonce=t)
         for t in range(merge_module.TOUCHED_REPLAY_MIN + 6)
