@@ -90,6 +90,15 @@ def migrations() -> list[tuple[int, str]]:
 PAGE_SIZE = 8192
 
 
+def _file_props(conn: apsw.Connection, project_id: int, distinct_id: str) -> Props | None:
+    """A profile's props as its row in the file holds them (None: no profile)."""
+    row = conn.execute(
+        "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? AND props IS NOT NULL",
+        (project_id, distinct_id),
+    ).fetchone()
+    return orjson.loads(row[0]) if row is not None else None
+
+
 def _one(conn: apsw.Connection, sql: str, args: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(sql, args).fetchone()
     assert row is not None
@@ -824,13 +833,9 @@ class SqliteStore:
         out = []
         with conn:  # one read snapshot for the whole answer
             for did in ids:
-                row = conn.execute(
-                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? "
-                    "AND props IS NOT NULL",
-                    (project_id, did),
-                ).fetchone()
-                if row is not None:
-                    out.append((did, orjson.loads(row[0])))
+                found = _file_props(conn, project_id, did)
+                if found is not None:
+                    out.append((did, found))
         return out
 
     def _props(self, conn: apsw.Connection, project_id: int, distinct_id: str) -> Props | None:
@@ -840,12 +845,7 @@ class SqliteStore:
         held = self.overlay.get((project_id, distinct_id))
         if held is not None:
             return orjson.loads(held[1]) if held[1] is not None else None
-        row = conn.execute(
-            "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ? "
-            "AND props IS NOT NULL",
-            (project_id, distinct_id),
-        ).fetchone()
-        return orjson.loads(row[0]) if row is not None else None
+        return _file_props(conn, project_id, distinct_id)
 
     def list_profiles(
         self, project_id: int, limit: int, offset: int
@@ -1089,14 +1089,7 @@ class SqliteStore:
                     (session_id, offset, offset + limit),
                 )
             ]
-            out: list[tuple[str, Props | None]] = []
-            for did in ids:
-                found = conn.execute(
-                    "SELECT props FROM profiles WHERE project_id = ? AND distinct_id = ?",
-                    (project_id, did),
-                ).fetchone()
-                props = found[0] if found is not None else None
-                out.append((did, orjson.loads(props) if props is not None else None))
+            out = [(did, _file_props(conn, project_id, did)) for did in ids]
         return session, out
 
     def iter_profiles(
