@@ -186,6 +186,22 @@ async def test_profiles_list_search_and_keyset_paging(client: AppClient) -> None
     assert by_prefix.text.count('href="/ui/profiles/user-') == 10
 
 
+async def test_profiles_search_by_name(client: AppClient) -> None:
+    # $name is matched exactly, like $email; a profile that only mentions the name in a value
+    # or holds it as a nested key is not a match
+    await send(
+        client,
+        [
+            {"$token": TOKEN, "$distinct_id": "n1", "$set": {"$name": "Ada Lovelace"}},
+            {"$token": TOKEN, "$distinct_id": "n2", "$set": {"note": "$name", "o": {"$name": "Ada Lovelace"}}},
+            {"$token": TOKEN, "$distinct_id": "n3", "$set": {"$name": "Ada"}},
+        ],
+    )
+    await sign_in(client, client.secret_for(TOKEN))
+    page = await client.http.get("/ui/profiles", params={"q": "Ada Lovelace"})
+    assert page.text.count('href="/ui/profiles/') == 1 and 'href="/ui/profiles/n1"' in page.text
+
+
 @pytest.mark.parametrize("expr", ['properties["n"] >', "properties[", '(properties["a"] == 1'])
 async def test_where_syntax_error_is_shown_inline(client: AppClient, expr: str) -> None:
     await send(client, [{"$token": TOKEN, "$distinct_id": "w1", "$set": {"n": 1}}])

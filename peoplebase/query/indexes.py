@@ -49,6 +49,11 @@ def sqlite_present(name: str) -> str:
     return "instr(props, '\"" + check_name(name) + "\"') > 0"
 
 
+def sqlite_equals(name: str) -> str:
+    """`name` equals a parameter, in the terms the SQLite index of `name` is used for."""
+    return f"{sqlite_present(name)} AND {sqlite_expression(name)} = ?"
+
+
 def sqlite_indexed(name: str) -> str:
     """The WHERE of the SQLite index of `name` (a query must name both terms to use it)."""
     return f"{sqlite_present(name)} AND {sqlite_expression(name)} IS NOT NULL"
@@ -98,9 +103,7 @@ def equality_terms(
 def sqlite_hints(node: Node | None, indexed: tuple[str, ...]) -> tuple[str, tuple[Any, ...]]:
     """Extra SQL conditions (AND-ed, with a leading ' AND ') and their parameters."""
     terms = equality_terms(node, indexed)
-    sql = "".join(
-        f" AND {sqlite_present(name)} AND {sqlite_expression(name)} = ?" for name, _ in terms
-    )
+    sql = "".join(f" AND {sqlite_equals(name)}" for name, _ in terms)
     return sql, tuple(value for _, value in terms)
 
 

@@ -907,8 +907,7 @@ class SqliteStore:
             "?",
             "props",
             "((distinct_id >= ? AND distinct_id < ?) "
-            f"OR ({indexes.sqlite_present('$email')} AND {indexes.sqlite_expression('$email')} = ?) "
-            f"OR ({indexes.sqlite_present('$name')} AND {indexes.sqlite_expression('$name')} = ?))",
+            f"OR ({indexes.sqlite_equals('$email')}) OR ({indexes.sqlite_equals('$name')}))",
             project_id,
             search,
             where_sql,
