@@ -61,7 +61,7 @@ class LogIndex:
         self.by_name: dict[str, list[LogEntry]] = {}
         self.deletes = 0  # $delete entries
         self.first_creator: LogEntry | None = None  # the first entry that creates a profile
-        self.last_stamp: LogEntry | None = None  # the last entry setting `$last_seen` itself
+        self.last_stamp: LogEntry | None = None  # the last entry that stamps `$last_seen`
         by_name = self.by_name
         get = by_name.get
         first = None
