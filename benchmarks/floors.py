@@ -23,13 +23,13 @@ from typing import Any
 
 import orjson
 
+from peoplebase.collector import Collector
 from peoplebase.journal import encode_group
 from peoplebase.records import Validator
 from peoplebase.settings import Settings
 from peoplebase.store.sqlite import SqliteStore
 from peoplebase.store.writeback import DEFAULT_LOG_CACHE, DEFAULT_MAX_PROFILES
 from peoplebase.types import Rejection, Update
-from peoplebase.writeproc import Collector
 from peoplebase.writer import prefer_quick_handoffs
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
@@ -90,7 +90,7 @@ def storage_floor(
     The store is driven as the writer process drives it: each group is sent while the one
     before commits, with the next group's requests known ahead (and, as the writer process
     receives them, encoded as the journal keeps them), and the process runs the writer's
-    garbage collection policy (writeproc.Collector) after each group. With write-behind, the
+    garbage collection policy (collector.Collector) after each group. With write-behind, the
     rows still unwritten after the last group are written too, and timed
     (`drained_records_per_s`): the floor never counts work it leaves for later.
     """

@@ -13,6 +13,7 @@ import orjson
 
 from . import __version__
 from .clientip import InvalidTrustedProxies
+from .collector import settle_server
 from .geo_providers import GeoDatabaseError
 from .settings import SETTINGS, Setting, Settings
 from .store import open_store
@@ -143,6 +144,7 @@ def serve(**options: Any) -> None:
     # process with the signal's status; a completed graceful shutdown exits 0 instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
+    settle_server()  # the process's own garbage-collection schedule (collector.py)
     server.run()
     if not server.started:
         sys.exit(1)

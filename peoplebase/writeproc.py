@@ -12,17 +12,16 @@ closes the pipe, after finishing the group in hand, so a Ctrl-C never cuts a com
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import queue
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .collector import Collector
 from .journal import decode_group, encode_group
 from .store import is_postgres_url
 from .store.base import StoreUnavailable
@@ -32,8 +31,6 @@ from .writer import prefer_quick_handoffs
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
-# Seconds between the writer's full garbage collections (class Collector).
-FULL_COLLECT_EVERY = 600.0
 
 
 def child_main(conn: Connection, db: str, store_kwargs: dict[str, Any]) -> None:
@@ -157,38 +154,6 @@ def _answer(
             conn.send(value)
         except (BrokenPipeError, ConnectionResetError, OSError):
             broken = True
-
-
-class Collector:
-    """Garbage collection in the writer process, by its own schedule.
-
-    Almost everything the writer keeps between groups lives long (the profiles it holds, the
-    merger's state, the modules), and the interpreter's full collections walk all of it: with
-    the log cache full they took a third of the writer's time in the soak, and a tenth without
-    it. After each group the survivors are frozen (`gc.freeze`: never walked again, still freed
-    by reference counting when dropped); a full collection over everything, which also frees
-    reference cycles that were frozen along, runs after the first group once `full_every`
-    seconds have passed since the last one. A group allocates some hundred thousand objects
-    that die with it, nearly all freed by reference counting: the youngest generation is
-    collected every YOUNG_THRESHOLD allocations instead of every 700 (2.6% fewer instructions
-    per record on the storage floor, measured with callgrind).
-    """
-
-    YOUNG_THRESHOLD = 50_000
-
-    def __init__(self, full_every: float = FULL_COLLECT_EVERY) -> None:
-        self.full_every = full_every
-        self._next_full = time.monotonic() + full_every
-        _, middle, old = gc.get_threshold()
-        gc.set_threshold(self.YOUNG_THRESHOLD, middle, old)
-
-    def after_group(self) -> None:
-        if time.monotonic() >= self._next_full:
-            gc.unfreeze()
-            found = gc.collect()
-            log.debug("writer: full garbage collection freed %d objects", found)
-            self._next_full = time.monotonic() + self.full_every
-        gc.freeze()
 
 
 class ProcessWriteStore:

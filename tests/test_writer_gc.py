@@ -1,4 +1,4 @@
-"""The writer process's garbage-collection schedule (writeproc.Collector)."""
+"""The writer process's garbage-collection schedule (collector.Collector)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from peoplebase.writeproc import Collector
+from peoplebase.collector import YOUNG_THRESHOLD, Collector
 
 
 class Node:
@@ -27,7 +27,7 @@ def thawed() -> Iterator[None]:
 def test_the_youngest_generation_is_collected_less_often() -> None:
     _, middle, old = gc.get_threshold()
     Collector(full_every=3600.0)
-    assert gc.get_threshold() == (Collector.YOUNG_THRESHOLD, middle, old)
+    assert gc.get_threshold() == (YOUNG_THRESHOLD, middle, old)
 
 
 def cycle() -> weakref.ref[Node]:
