@@ -17,7 +17,9 @@ import orjson
 
 from .types import KNOWN_OPS, OP_ORDER, Rejection, Skip, Update
 from .values import (
+    INT64_MAX,
     MAX_NAME_CHARS,
+    MAX_STRING_BYTES,
     NUL,
     NUL_MESSAGE,
     ValueTooLarge,
@@ -30,6 +32,8 @@ from .values import (
 )
 
 MAX_DISTINCT_ID_CHARS = 255
+_SHORT_STRING = MAX_STRING_BYTES // 4  # characters that cannot exceed the byte limit
+_INT_MIN = -INT64_MAX - 1
 MS_THRESHOLD = 1e11
 RESERVED_IN_SET = frozenset({"$ip", "$ignore_time"})
 _DECIMAL = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
@@ -44,7 +48,7 @@ def truthy(value: Any) -> bool:
     """Flags are true for true, 1, "true" and "1" (SPEC §2)."""
     if value is True:
         return True
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value == 1
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1")
@@ -53,13 +57,19 @@ def truthy(value: Any) -> bool:
 
 def parse_time(value: Any) -> float | None:
     """`$time` → seconds since the epoch; None when it is not a usable time."""
+    kind = type(value)
+    if kind is int or kind is float:  # what the SDKs send; bool is not int's type
+        t = float(value)
+        if not math.isfinite(t) or t < 0:
+            return None
+        return t / 1000.0 if t >= MS_THRESHOLD else t
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
         if not _NUMERIC.match(value):
             return None
         value = float(value)
-    if not isinstance(value, int | float):
+    if not isinstance(value, (int, float)):
         return None
     t = float(value)
     if not math.isfinite(t) or t < 0:
@@ -110,7 +120,9 @@ class Validator:
     ) -> Update | Rejection:
         if not isinstance(raw, dict):
             return Rejection(index, None, "record", "must be a JSON object")
-        did = distinct_id_of(raw.get("$distinct_id"))
+        did = raw.get("$distinct_id")
+        if type(did) is not str:
+            did = distinct_id_of(did)
         token = raw.get("$token")
         if not isinstance(token, str) or not token:
             return Rejection(index, did, "$token", "missing or empty")
@@ -144,9 +156,9 @@ class Validator:
         else:
             t = now
 
-        present = [op for op in OP_ORDER if op in raw]
-        if "$delete" in raw:
-            if present:
+        present = raw.keys() & KNOWN_OPS
+        if "$delete" in present:
+            if len(present) > 1:
                 return Rejection(index, did, "$delete", "cannot be combined with other operations")
             ops: dict[str, Any] = {"$delete": True}
             skips: list[Skip] = []
@@ -155,26 +167,27 @@ class Validator:
                 return Rejection(index, did, "record", OPS_HELP)
             ops = {}
             skips = []
-            for op in present:
+            # applied in OP_ORDER
+            for op in present if len(present) == 1 else [o for o in OP_ORDER if o in present]:
                 result = _CHECKERS[op](raw[op], skips)
                 if isinstance(result, str):
                     return Rejection(index, did, op, result)
                 ops[op] = result
 
-        update = Update(
-            index=index,
-            token=token,
-            distinct_id=did,
-            time=t,
-            explicit_time=explicit,
-            ignore_time=truthy(raw.get("$ignore_time")),
-            ops=ops,
-            received=now,
-            skips=skips,
+        update = Update(  # positionally: the fields in their order (types.py)
+            index,
+            token,
+            did,
+            t,
+            explicit,
+            False if (flag := raw.get("$ignore_time")) is None else truthy(flag),
+            ops,
+            now,
+            None,  # geo
+            record_identity(raw) if explicit else None,  # dedup
+            explicit and clamped,
+            skips,
         )
-        if explicit:
-            update.dedup = record_identity(raw)
-            update.clamped = clamped
         if self.geo is not None and ("$set" in ops or "$set_once" in ops):
             update.geo = self.geo(raw, request_ip)
         return update
@@ -209,7 +222,23 @@ def _settable(op: str) -> Callable[[Any, list[Skip]], Any]:
             raise _Reserved(f"reserved: send {name} at the top level of the record")
         return sanitize_property(item)
 
-    return lambda value, skips: _props(op, value, skips, convert)
+    def check(value: Any, skips: list[Skip]) -> Any:
+        if type(value) is not dict:
+            return _props(op, value, skips, convert)
+        # the common case without a call per property: short strings, 64-bit integers,
+        # booleans and null under plain names are kept as they are (what convert returns)
+        for name, item in value.items():
+            kind = type(item)
+            if not (
+                (kind is str and len(item) <= _SHORT_STRING and NUL not in item)
+                or (kind is int and _INT_MIN <= item <= INT64_MAX)
+                or kind is bool
+                or item is None
+            ) or (len(name) > MAX_NAME_CHARS or NUL in name or name in RESERVED_IN_SET):
+                return _props(op, value, skips, convert)
+        return dict(value)
+
+    return check
 
 
 def _add_value(name: str, item: Any) -> int | float:

@@ -29,7 +29,7 @@ def value_key(value: Any) -> Any:
         return ("z",)
     if value is True or value is False:
         return ("b", value)
-    if isinstance(value, int | float):
+    if isinstance(value, (int, float)):
         return ("n", value)
     if isinstance(value, str):
         return ("s", value)
@@ -59,7 +59,7 @@ def truncate_name(name: str) -> str:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def clean_number(value: int | float) -> int | float:
@@ -88,7 +88,7 @@ def sanitize(value: Any, depth: int = 0) -> Any:
         return truncate_string(value)
     if value is None or value is True or value is False:
         return value
-    if isinstance(value, int | float):
+    if isinstance(value, (int, float)):
         return clean_number(value)
     if isinstance(value, list):
         return [sanitize(v, depth) for v in value]
@@ -105,12 +105,12 @@ def sanitize(value: Any, depth: int = 0) -> Any:
 
 def composite_too_large(value: Any) -> bool:
     """True when a list or object serializes to more than 256 KB."""
-    if not isinstance(value, list | dict):
+    if not isinstance(value, (list, dict)):
         return False
     if (
         isinstance(value, list)
         and len(value) < 64
-        and not any(isinstance(v, list | dict) for v in value)
+        and not any(isinstance(v, (list, dict)) for v in value)
     ):
         return False  # 63 strings of 255 bytes stay far below the limit
     return len(orjson.dumps(value)) > MAX_COMPOSITE_BYTES

@@ -114,3 +114,18 @@ def test_late_replay_benchmark_runs_and_the_limit_cuts_the_log(tmp_path: Path) -
     assert capped["late_1h_beyond"] == 2 and free["late_1h_beyond"] == 0
     assert capped["late_10s_beyond"] == free["late_10s_beyond"] == 0
     assert all(r[k] > 0 for r in (capped, free) for k in ("late_10s_ms", "late_1h_ms"))
+
+
+def test_validation_benchmark_validates_every_record(tmp_path: Path) -> None:
+    spec = WorkloadSpec(profiles=1000, batch=50, partitions=4, seed=3)
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_bytes(b"".join(b + b"\n" for b in Workload(spec, start_time=1.8e9).bodies(1000)))
+    cmd = [sys.executable, "-m", "benchmarks.validation", "--bodies", str(bodies)]
+    out = subprocess.run([*cmd, "--limit-bodies", "8"], capture_output=True, cwd=ROOT, check=True)
+    result = json.loads(out.stdout)
+    assert result["records"] == 8 * 50 and result["us_per_record"] > 0
+    # a record the validator refuses is reported, not counted
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'[{"$token": "t", "$distinct_id": "u", "$time": 1}]\n')
+    failed = subprocess.run([*cmd[:-1], str(bad)], capture_output=True, cwd=ROOT)
+    assert failed.returncode != 0 and b"workload record rejected: record" in failed.stderr

@@ -453,3 +453,45 @@ def test_updates_survive_pickling_field_for_field() -> None:
         "index", "token", "distinct_id", "time", "explicit_time", "ignore_time", "ops",
         "received", "geo", "dedup", "clamped", "skips",
     ]  # fmt: skip
+
+
+# --- the $set / $set_once shortcut agrees with the per-property rules ------------------------
+
+_EDGE_NAMES = st.sampled_from(
+    ["plan", "$ip", "$ignore_time", "$name", "a" * 255, "b" * 256, "nul\x00name", ""]
+)
+_EDGE_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 0.5, float("inf")]),
+    st.floats(allow_nan=True),
+    st.text(max_size=70),
+    st.sampled_from(["x" * 63, "x" * 64, "é" * 63, "é" * 64, "with\x00nul", "\U0001f600" * 64]),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    op=st.sampled_from(["$set", "$set_once"]),
+    props=st.dictionaries(st.one_of(_EDGE_NAMES, st.text(max_size=8)), _EDGE_VALUES, max_size=6),
+)
+def test_set_shortcut_matches_the_rules_of_each_property(op: str, props: dict[str, Any]) -> None:
+    """Validation keeps plain values of $set and $set_once without a call per property; the
+    outcome must be what the per-property rules give (truncation, limits, skips)."""
+    from peoplebase.records import RESERVED_IN_SET, _props
+    from peoplebase.values import ValueTooLarge, sanitize_property
+
+    def convert(name: str, item: Any) -> Any:
+        if name in RESERVED_IN_SET:
+            raise ValueTooLarge(f"reserved: send {name} at the top level of the record")
+        return sanitize_property(item)
+
+    expected_skips: list[Any] = []
+    expected = _props(op, props, expected_skips, convert)
+    u = Validator().validate({**rec(), op: props}, 0, NOW)
+    assert isinstance(u, Update)
+    assert orjson.dumps(u.ops[op]) == orjson.dumps(expected)  # key order and value types too
+    assert u.skips == expected_skips

@@ -270,6 +270,8 @@ class GroupBackend:
                     jid,
                 ) in cur.execute(sql, (pid, *chunk)):
                     key = (pid, did)
+                    # positionally (keywords cost a dataclass's __init__ more): the fields
+                    # in their order, the last ones being dirty=False and in_file=True
                     row = ProfileRow(
                         loads(props) if props is not None else None,
                         last_time,
@@ -278,11 +280,12 @@ class GroupBackend:
                         log_min,
                         log_n,
                         log_floor,
-                        jid=jid,
+                        False,
+                        jid,
                     )
                     out[key] = row
                     states[key] = ProfileState(
-                        row, props, base, row.base, tail, n, chunks, in_file=True, jid=jid
+                        row, props, base, row.base, tail, n, chunks, True, jid
                     )
         self.loaded = out
         return out
@@ -315,7 +318,7 @@ class GroupBackend:
                 )
             did = key[1]
             log = state.log = [
-                LogEntry(t, s, None, d, body=body, distinct_id=did, received=received)
+                LogEntry(t, s, None, d, -1, body, did, received)  # request -1: stored
                 for t, s, received, d, body in raw
             ]
             state.keys = None
