@@ -299,7 +299,7 @@ class Merger:
             newest = row.last_time
             wanted = bool(limit) and row.log_n + len(items) > limit
             for _, u in items:
-                if wanted or u.time <= newest or u.clamped or u.is_delete:
+                if wanted or u.time <= newest or u.clamped or "$delete" in u.ops:
                     wanted = True
                     break
                 newest = u.time
@@ -363,7 +363,7 @@ class Merger:
             t = row.last_time
             result.beyond_window += 1
         row.dirty = True
-        if u.is_delete:
+        if "$delete" in u.ops:  # u.is_delete, without a call
             u.time = t
             self._delete(backend, prof, LogEntry(t, seq, u, u.dedup, r))
             return
@@ -371,7 +371,7 @@ class Merger:
         if t >= row.last_time and not prof.stale:
             u.time = t
             skips: list[Skip] = []
-            row.props = apply_update(row.props, u, self.max_properties, skips, in_place=True)
+            row.props = apply_update(row.props, u, self.max_properties, skips, True)  # in place
             self._append(prof, entry)
             row.last_time = t
             if skips:

@@ -58,7 +58,7 @@ def _room_for(t: _Target, values: Props) -> bool:
 
 
 def op_set(t: _Target, values: Props) -> None:
-    if _room_for(t, values):
+    if len(t.props) + len(values) <= t.max_properties:  # _room_for, without a call
         t.props.update(values)
         return
     for name, value in values.items():
@@ -206,7 +206,7 @@ def apply_update(
     for op, value in ops.items():
         OPERATIONS[op](target, value)
     if stamp and not update.ignore_time:
-        profile["$last_seen"] = format_time(update.time)
+        profile["$last_seen"] = _format_second(int(update.time // 1))  # format_time, inlined
     return profile
 
 
