@@ -5,37 +5,54 @@ walks every older object again in each full collection. A Peoplebase process all
 hundreds of thousands of objects per second that reference counting frees at once, and keeps
 tens of thousands that live as long as the process (modules, the profiles it holds). On the
 interpreter's schedule the server, while ingesting, collected some 100 times a second, ran
-3.9% more instructions per record than it does now, and paused its event loop for up to 140 ms
-in a full collection (BENCHMARKS.md).
+3.9% more instructions per record than with its own schedule, and paused its event loop for
+up to 48 ms in a full collection, 142 ms in another run (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
 
 # Net allocations of container objects between collections of the youngest generation.
 YOUNG_THRESHOLD = 50_000
-# Seconds between the writer process's full garbage collections (class Collector).
+# Seconds between full garbage collections (the writer process's and the server's).
 FULL_COLLECT_EVERY = 600.0
 
 
-def settle_server() -> None:
+def settle_server(full_every: float = FULL_COLLECT_EVERY) -> threading.Event:
     """The server process, once its modules are loaded and its app built: what exists now
     lives as long as the process, so it is frozen (never walked again), and the youngest
     generation is collected every YOUNG_THRESHOLD net allocations.
 
-    A request's objects die with it by reference counting; none of its paths leaves reference
-    cycles (tests/test_collector.py), so collections stay rare and short. Garbage cycles, if
-    any appear, are still collected: every YOUNG_THRESHOLD net allocations.
+    A request's objects die with it by reference counting; none of the app's request paths
+    leaves reference cycles (tests/test_collector.py), so young collections are rare: while
+    ingesting there are none. A thread makes a full collection every `full_every` seconds
+    (frozen objects included, then frozen again), so garbage cycles that a path might still
+    make, or that outlive the young collections, are freed within that time. Returns the
+    event that stops that thread.
     """
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    stop = threading.Event()
+    threading.Thread(
+        target=_collect_fully, args=(stop, full_every), name="peoplebase-gc", daemon=True
+    ).start()
+    return stop
+
+
+def _collect_fully(stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        gc.unfreeze()
+        found = gc.collect()
+        gc.freeze()
+        log.debug("server: full garbage collection freed %d objects", found)
 
 
 class Collector:

@@ -4,6 +4,8 @@ it safe: a request, whatever its outcome, leaves no reference cycles behind."""
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import quote_from_bytes
@@ -20,6 +22,9 @@ from .conftest import AppClient
 def thawed() -> Iterator[None]:
     thresholds = gc.get_threshold()
     yield
+    for thread in threading.enumerate():  # stopped by each test; its last freeze done
+        if thread.name == "peoplebase-gc":
+            thread.join(10.0)
     gc.unfreeze()  # leave the test process as it was
     gc.set_threshold(*thresholds)
 
@@ -34,12 +39,19 @@ def test_settle_server_freezes_what_exists_and_collects_the_young_less_often(
 ) -> None:
     _, middle, old = gc.get_threshold()
     kept = [Node() for _ in range(10)]
-    settle_server()
-    assert gc.get_threshold() == (YOUNG_THRESHOLD, middle, old)
-    assert gc.get_freeze_count() >= len(kept)
-    gone = weakref.ref(kept[0])
-    del kept
-    assert gone() is None  # frozen objects are still freed by reference counting
+    stop = settle_server(full_every=3600.0)
+    try:
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, middle, old)
+        frozen = gc.get_freeze_count()
+        assert frozen >= len(kept)
+        walked = {id(o) for o in gc.get_objects()}  # the generations a collection walks
+        assert not any(id(node) in walked for node in kept)
+        gone = weakref.ref(kept[0])
+        del kept
+        assert gone() is None  # frozen objects are still freed by reference counting
+        assert gc.get_freeze_count() < frozen
+    finally:
+        stop.set()
 
 
 def test_settle_server_collects_garbage_cycles_before_freezing(thawed: None) -> None:
@@ -47,8 +59,27 @@ def test_settle_server_collects_garbage_cycles_before_freezing(thawed: None) -> 
     a.other, b.other = b, a
     ref = weakref.ref(a)
     del a, b
-    settle_server()
-    assert ref() is None  # not frozen along, where it would stay until the process ends
+    stop = settle_server(full_every=3600.0)
+    stop.set()
+    assert ref() is None  # not frozen along, where only the periodic collection would free it
+
+
+def test_the_periodic_full_collection_frees_cycles_frozen_along(thawed: None) -> None:
+    stop = settle_server(full_every=0.05)
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        ref = weakref.ref(a)
+        gc.freeze()  # as if it had been frozen while still in use
+        del a, b
+        gc.collect()
+        assert ref() is not None  # a collection does not look at frozen objects
+        deadline = time.monotonic() + 10.0
+        while ref() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ref() is None
+    finally:
+        stop.set()
 
 
 async def call(

@@ -372,3 +372,11 @@ def test_geo_skipped_when_set_names_a_geo_property(name: str) -> None:
 def test_geo_not_skipped_for_set_once_naming_geo() -> None:
     out = apply(None, {"$set_once": {"$country_code": "US"}}, geo=GEO)
     assert out == GEO
+
+
+@pytest.mark.parametrize("t", [0.0, 0.5, T, T + 0.999, 1_796_458_116.971, 4_102_444_800.25])
+def test_last_seen_of_an_update_is_format_time_of_its_time(t: float) -> None:
+    """apply_update formats $last_seen itself (not through format_time, one call fewer per
+    update); a replay uses format_time: both must write the same text."""
+    update = Update(0, "tok", "d", t, True, False, {"$set": {"a": 1}}, t)
+    assert apply_update(None, update) == {"a": 1, "$last_seen": format_time(t)}

@@ -488,3 +488,26 @@ def test_the_settings_reach_the_writer(tmp_path: Path) -> None:
     assert (kwargs["log_cache"], kwargs["write_behind"], kwargs["held_profiles"]) == (0, 2.5, 7)
     assert isinstance(process.store, SqliteStore)
     process.store.close()
+
+
+def test_the_field_order_the_positional_loads_rely_on() -> None:
+    """sqlite_write builds these positionally when it loads rows and log entries (keywords
+    cost a dataclass's __init__ more): a field added or moved must be added there too."""
+    import dataclasses
+
+    from peoplebase.merge import LogEntry, ProfileRow
+    from peoplebase.store.writeback import ProfileState
+
+    names = [f.name for f in dataclasses.fields(ProfileRow)]
+    assert names[:9] == [
+        "props", "last_time", "base", "tomb", "log_min", "log_n", "log_floor", "dirty", "jid",
+    ]  # fmt: skip
+    names = [f.name for f in dataclasses.fields(ProfileState)]
+    assert names[:9] == [
+        "row", "props_json", "base_json", "base_src", "tail", "tail_n", "file_chunks",
+        "in_file", "jid",
+    ]  # fmt: skip
+    names = [f.name for f in dataclasses.fields(LogEntry)]
+    assert names[:8] == [
+        "time", "seq", "decoded", "dedup", "request", "body", "distinct_id", "received",
+    ]  # fmt: skip

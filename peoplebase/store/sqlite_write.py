@@ -270,8 +270,9 @@ class GroupBackend:
                     jid,
                 ) in cur.execute(sql, (pid, *chunk)):
                     key = (pid, did)
-                    # positionally (keywords cost a dataclass's __init__ more): the fields
-                    # in their order, the last ones being dirty=False and in_file=True
+                    # positionally (keywords cost a dataclass's __init__ more), the fields in
+                    # their order (tests/test_writeback.py): dirty=False, then jid; in_file=True,
+                    # then jid
                     row = ProfileRow(
                         loads(props) if props is not None else None,
                         last_time,
