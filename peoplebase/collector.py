@@ -38,8 +38,7 @@ def settle_server(full_every: float = FULL_COLLECT_EVERY) -> threading.Event:
     """
     gc.collect()
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    _collect_young_less_often()
     stop = threading.Event()
     threading.Thread(
         target=_collect_fully, args=(stop, full_every), name="peoplebase-gc", daemon=True
@@ -47,12 +46,22 @@ def settle_server(full_every: float = FULL_COLLECT_EVERY) -> threading.Event:
     return stop
 
 
+def _collect_young_less_often() -> None:
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+
+
+def _collect_all(process: str) -> None:
+    """A full collection, frozen objects included (cycles frozen along are freed too)."""
+    gc.unfreeze()
+    found = gc.collect()
+    log.debug("%s: full garbage collection freed %d objects", process, found)
+
+
 def _collect_fully(stop: threading.Event, every: float) -> None:
     while not stop.wait(every):
-        gc.unfreeze()
-        found = gc.collect()
+        _collect_all("server")
         gc.freeze()
-        log.debug("server: full garbage collection freed %d objects", found)
 
 
 class Collector:
@@ -73,13 +82,10 @@ class Collector:
     def __init__(self, full_every: float = FULL_COLLECT_EVERY) -> None:
         self.full_every = full_every
         self._next_full = time.monotonic() + full_every
-        _, middle, old = gc.get_threshold()
-        gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+        _collect_young_less_often()
 
     def after_group(self) -> None:
         if time.monotonic() >= self._next_full:
-            gc.unfreeze()
-            found = gc.collect()
-            log.debug("writer: full garbage collection freed %d objects", found)
+            _collect_all("writer")
             self._next_full = time.monotonic() + self.full_every
         gc.freeze()
