@@ -216,11 +216,15 @@ class _Reserved(ValueTooLarge):
     pass
 
 
+def _set_value(name: str, item: Any) -> Any:
+    """One property of $set / $set_once, by the rules (the shortcut below keeps the same)."""
+    if name in RESERVED_IN_SET:
+        raise _Reserved(f"reserved: send {name} at the top level of the record")
+    return sanitize_property(item)
+
+
 def _settable(op: str) -> Callable[[Any, list[Skip]], Any]:
-    def convert(name: str, item: Any) -> Any:
-        if name in RESERVED_IN_SET:
-            raise _Reserved(f"reserved: send {name} at the top level of the record")
-        return sanitize_property(item)
+    convert = _set_value
 
     def check(value: Any, skips: list[Skip]) -> Any:
         if type(value) is not dict:
