@@ -18,10 +18,11 @@ import orjson
 from .types import KNOWN_OPS, OP_ORDER, Rejection, Skip, Update
 from .values import (
     INT64_MAX,
+    INT64_MIN,
     MAX_NAME_CHARS,
-    MAX_STRING_BYTES,
     NUL,
     NUL_MESSAGE,
+    SHORT_STRING_CHARS,
     ValueTooLarge,
     clean_number,
     composite_too_large,
@@ -32,8 +33,6 @@ from .values import (
 )
 
 MAX_DISTINCT_ID_CHARS = 255
-_SHORT_STRING = MAX_STRING_BYTES // 4  # characters that cannot exceed the byte limit
-_INT_MIN = -INT64_MAX - 1
 MS_THRESHOLD = 1e11
 RESERVED_IN_SET = frozenset({"$ip", "$ignore_time"})
 _DECIMAL = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
@@ -234,8 +233,8 @@ def _settable(op: str) -> Callable[[Any, list[Skip]], Any]:
         for name, item in value.items():
             kind = type(item)
             if not (
-                (kind is str and len(item) <= _SHORT_STRING and NUL not in item)
-                or (kind is int and _INT_MIN <= item <= INT64_MAX)
+                (kind is str and len(item) <= SHORT_STRING_CHARS and NUL not in item)
+                or (kind is int and INT64_MIN <= item <= INT64_MAX)
                 or kind is bool
                 or item is None
             ) or (len(name) > MAX_NAME_CHARS or NUL in name or name in RESERVED_IN_SET):

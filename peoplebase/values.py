@@ -13,6 +13,9 @@ MAX_COMPOSITE_BYTES = 256 * 1024
 MAX_OBJECT_DEPTH = 3
 MAX_OBJECT_KEYS = 255
 INT64_MAX = 2**63 - 1
+INT64_MIN = -INT64_MAX - 1
+# characters a string may have and still be within MAX_STRING_BYTES whatever they are
+SHORT_STRING_CHARS = MAX_STRING_BYTES // 4
 
 
 class ValueTooLarge(ValueError):
@@ -46,7 +49,7 @@ def json_equal(a: Any, b: Any) -> bool:
 
 def truncate_string(s: str) -> str:
     """Cut a string to 255 UTF-8 bytes on a character boundary."""
-    if len(s) <= MAX_STRING_BYTES // 4:
+    if len(s) <= SHORT_STRING_CHARS:
         return s
     b = s.encode("utf-8", "surrogatepass")
     if len(b) <= MAX_STRING_BYTES:
@@ -65,7 +68,7 @@ def is_number(value: Any) -> bool:
 def clean_number(value: int | float) -> int | float:
     """Keep numbers storable: integers past 64 bits become floats; non-finite is refused."""
     if isinstance(value, int):
-        if -INT64_MAX - 1 <= value <= INT64_MAX:
+        if INT64_MIN <= value <= INT64_MAX:
             return value
         try:
             value = float(value)
@@ -121,10 +124,10 @@ def sanitize_property(value: Any) -> Any:
     # fast path for the common scalars, which sanitize() would return unchanged
     kind = type(value)
     if kind is str:
-        if len(value) <= MAX_STRING_BYTES // 4 and NUL not in value:
+        if len(value) <= SHORT_STRING_CHARS and NUL not in value:
             return value
     elif kind is int:
-        if -INT64_MAX - 1 <= value <= INT64_MAX:
+        if INT64_MIN <= value <= INT64_MAX:
             return value
     elif kind is bool or value is None:
         return value
