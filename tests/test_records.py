@@ -118,7 +118,10 @@ def test_parse_time(value: Any, seconds: float) -> None:
     assert parse_time(value) == pytest.approx(seconds, abs=1e-6)
 
 
-@pytest.mark.parametrize("value", ["abc", "", "12abc", True, False, [1], {}, -5, "-5", "0x10"])
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "", "12abc", True, False, [1], {}, -5, "-5", "0x10", -0.5, float("inf"), float("nan")],
+)
 def test_invalid_time(value: Any) -> None:
     assert parse_time(value) is None
     r = bad(rec(set={}, time=value))
