@@ -284,6 +284,11 @@ class ProcessWriteStore:
                 self._replies.wait()
             try:
                 status, value = conn.recv()
+                if status == "ok" and value[1] is not None and self.overlay is not None:
+                    # before the group's requests are answered, and before the next group's
+                    # answer is read: the overlay takes the groups' changes in commit order
+                    # (applied after the next one, an older state would replace a newer one)
+                    self.overlay.apply(value[1])
             except (EOFError, OSError) as exc:
                 self._broken = conn  # the next send starts a new child
                 raise StoreUnavailable(f"the writer process ended during a commit: {exc}") from exc
@@ -291,9 +296,7 @@ class ProcessWriteStore:
                 self._answered += 1
                 self._replies.notify_all()
         if status == "ok":
-            results, delta = value
-            if delta is not None and self.overlay is not None:
-                self.overlay.apply(delta)  # before the group's requests are answered
+            results = value[0]
             return list(results) if results is not None else []
         if status == "unavailable":
             raise StoreUnavailable(value)

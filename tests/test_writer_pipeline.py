@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+import time
 from pathlib import Path
+
+import orjson
 
 from peoplebase.records import Validator
 from peoplebase.store.base import StoreUnavailable
+from peoplebase.store.overlay import Overlay
 from peoplebase.store.sqlite import SqliteStore
+from peoplebase.store.sqlite_write import OverlayDelta
 from peoplebase.writeproc import ProcessWriteStore
 from peoplebase.writer import Writer
 
@@ -119,3 +125,41 @@ def test_a_group_that_cannot_be_sent_does_not_hold_up_the_next(tmp_path: Path) -
         assert store.await_group(ok)[0].dropped == 0  # answered, not stuck behind the first
     finally:
         store.close()
+
+
+class _SlowOverlay(Overlay):
+    """The server's overlay, slow to take the first group's changes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied = 0
+
+    def apply(self, delta: OverlayDelta | None) -> None:
+        self.applied += 1
+        if self.applied == 1:
+            time.sleep(0.3)
+        super().apply(delta)
+
+
+def test_the_overlay_takes_the_groups_in_commit_order(tmp_path: Path) -> None:
+    """Two groups in flight change the same profile: however long the first answer takes to
+    reach the readers' overlay, the second one's state is what readers see after both."""
+    store = ProcessWriteStore(str(tmp_path / "order.db"), synchronous="normal", write_behind=1.0)
+    store.start()
+    overlay = store.overlay = _SlowOverlay()
+    validator = Validator()
+    try:
+        first = store.send_group([_request(0, validator)])
+        second = store.send_group([_request(1, validator)])
+        waiters = [threading.Thread(target=store.await_group, args=(t,)) for t in (first, second)]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join()
+    finally:
+        store.close()
+    assert overlay.applied == 2
+    held = overlay.get((1, "p"))
+    assert held is not None and held[1] is not None
+    props = orjson.loads(held[1])
+    assert props["seq"] == [0, 1] and props["n"] == 2
