@@ -624,6 +624,22 @@ async def test_event_endpoints_answer_zero(client: AppClient, path: str) -> None
     assert stored(client, "ev") is None
 
 
+@pytest.mark.parametrize("path", ["/groups", "/groups/"])
+async def test_groups_answers_zero_and_stores_nothing(client: AppClient, path: str) -> None:
+    """SPEC §1: /groups is accepted and answered, group profiles are not stored yet."""
+    update = {"$token": TOKEN, "$group_key": "company", "$group_id": "ev", "$set": {"a": 1}}
+    r = await client.http.post(path, data={"data": json.dumps([update])})
+    assert (r.status_code, r.text) == (200, "0")
+    r = await client.http.get(path, params={"data": b64([update]), "verbose": "1"})
+    assert r.status_code == 200
+    assert r.json() == {
+        "status": 0,
+        "error": "group profiles are not stored here yet; send only engage and groups to "
+        "Peoplebase",
+    }
+    assert stored(client, "ev") is None
+
+
 async def test_event_endpoint_verbose_in_form_body(client: AppClient) -> None:
     """The Python SDK sends verbose=1 in the body of /track too."""
     event = {"event": "e", "properties": {"token": TOKEN, "distinct_id": "ev"}}

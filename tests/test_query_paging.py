@@ -82,6 +82,33 @@ async def test_paginator_walks_every_match_once_under_writes(client: AppClient) 
     assert fresh["session_id"] != session and fresh["total"] != len(expected)
 
 
+async def test_later_pages_show_profiles_as_they_are_when_read(client: AppClient) -> None:
+    """A session freezes which profiles match at page 0, not their properties (SPEC §9)."""
+    await ingest(
+        client,
+        [{"$token": "t", "$distinct_id": f"u{i:02}", "$set": {"v": 0}} for i in range(25)],
+    )
+    auth = client.auth("t")
+    first = (await client.http.post("/api/query/engage", data={}, headers=auth)).json()
+    assert [p["$distinct_id"] for p in first["results"]] == [f"u{i:02}" for i in range(10)]
+    await ingest(
+        client,
+        [
+            {"$token": "t", "$distinct_id": "u15", "$set": {"v": 1}, "$add": {"n": 2}},
+            {"$token": "t", "$distinct_id": "u17", "$unset": ["v"]},
+        ],
+    )
+    r = await client.http.post(
+        "/api/query/engage", data={"page": 1, "session_id": first["session_id"]}, headers=auth
+    )
+    assert r.status_code == 200, r.text
+    props = {p["$distinct_id"]: p["$properties"] for p in r.json()["results"]}
+    assert list(props) == [f"u{i:02}" for i in range(10, 20)]
+    assert props["u15"]["v"] == 1 and props["u15"]["n"] == 2
+    assert "v" not in props["u17"]
+    assert props["u16"]["v"] == 0
+
+
 async def test_later_pages_need_a_live_session(client: AppClient) -> None:
     await ingest(
         client, [{"$token": "t", "$distinct_id": f"u{i}", "$set": {"a": 1}} for i in range(25)]

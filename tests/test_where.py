@@ -128,3 +128,67 @@ def test_errors_point_at_the_position(text: str, position: int, fragment: str) -
 def test_too_long() -> None:
     with pytest.raises(WhereSyntaxError, match="longer than"):
         parse("1 + " * 5000 + "1")
+
+
+# One profile, and what each construct must answer on it, as docs/query.md states it. The
+# differential tests check that the SQL agrees with `matches`; these check `matches` itself.
+PROFILE = {
+    "plan": "pro",
+    "name": "Ann Smith",
+    "tags": ["vip", "beta"],
+    "age": 31,
+    "zip": "75011",
+    "score": 2.5,
+    "flag": True,
+    "off": False,
+    "nothing": None,
+    "empty": "",
+    "items": [],
+    "$last_seen": "2024-03-01T12:00:00",
+}
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ('"vip" in properties["tags"]', True),  # list membership
+        ('"vi" in properties["tags"]', False),  # an element, not a substring of one
+        ('"Smith" in properties["name"]', True),  # substring of a string
+        ('"smith" in properties["name"]', False),  # case-sensitive
+        ('"x" not in properties["tags"]', True),
+        ('"vip" not in properties["tags"]', False),
+        ('properties["plan"] in ["free", "pro"]', True),
+        ('defined(properties["plan"])', True),
+        ('defined(properties["nothing"])', False),  # JSON null is not defined
+        ('defined(properties["missing"])', False),
+        ('not defined(properties["missing"])', True),
+        ('properties["missing"] != "pro"', True),  # a missing property is != anything
+        ('properties["missing"] == null', True),
+        ('number(properties["zip"]) >= 10000', True),
+        ('number("5") + 1 == 6', True),
+        ('number("5x") == null', True),
+        ("number(true) == 1", True),
+        ('string(properties["age"]) == "31"', True),
+        ('string(properties["score"]) == null', True),  # not a whole number
+        ('string(properties["flag"]) == "true"', True),
+        ('boolean(properties["empty"])', False),
+        ('boolean(properties["items"])', False),
+        ('boolean(properties["off"])', False),
+        ('boolean(properties["plan"])', True),
+        ('properties["age"] * 2 - 2 == 60', True),
+        ('properties["age"] % 7 == 3', True),
+        ('properties["age"] / 0 == null', True),
+        ('properties["plan"] + 1 == null', True),  # arithmetic on numbers only
+        ('"5" == 5', False),  # different kinds are never equal
+        ("1 == 1.0", True),
+        ('properties["tags"] == properties["tags"]', False),  # lists are never equal
+        ('properties["plan"] > "free"', True),  # strings by code point
+        ('properties["plan"] > 3', False),  # a string and a number: false
+        ('properties["age"] >= 31 and properties["score"] < 3', True),
+        ('properties["age"] > 40 or not properties["flag"]', False),
+        ('datetime(properties["$last_seen"]) > "2024-02-29"', True),
+        ('datetime(properties["$last_seen"]) < 1709251200', False),  # 2024-03-01T00:00:00Z
+    ],
+)
+def test_each_construct_answers_as_documented(expr: str, expected: bool) -> None:
+    assert matches(parse(expr), PROFILE) is expected
