@@ -345,9 +345,9 @@ class Merger:
     ) -> None:
         row = prof.row
         t = u.time
-        # Deletion is final for the past; an update with the same $time that arrives after the
-        # delete comes after it in ($time, arrival) order and builds a new profile.
-        if row.tomb is not None and t < row.tomb:
+        # Deletion is final for the past (SPEC §4): an update that arrives after the delete with
+        # a $time not later than the delete's is dropped, one with exactly its $time included.
+        if row.tomb is not None and t <= row.tomb:
             result.dropped += 1
             return
         # A retry repeats an accepted record, so its $time is not newer than the profile's

@@ -223,8 +223,8 @@ class Reference:
                 if identity in prof.seen and (t <= prof.last_time or clamped):
                     continue  # a retry of a record accepted in an earlier request
                 identities.append((prof, identity))
-            if prof.tomb is not None and t < prof.tomb:
-                continue  # older than a delete; equal $time arriving later comes after it
+            if prof.tomb is not None and t <= prof.tomb:
+                continue  # not later than a delete that arrived before it
             if prof.last_time != -math.inf and t < prof.last_time - WINDOW:
                 t, exact = prof.last_time, prof.last_exact
             if "$delete" in rec:

@@ -130,8 +130,8 @@ def reference(arrived: Sequence[Raw], max_properties: int = 2000) -> dict[str, P
     accepted: dict[str, list[tuple[float, int, Raw]]] = {did: [] for did in IDS}
     for i, raw in enumerate(arrived):
         u = update(raw)
-        if u.time < tomb.get(u.distinct_id, -math.inf):
-            continue  # deletion is final for the past
+        if u.time <= tomb.get(u.distinct_id, -math.inf):
+            continue  # deletion is final for the past, its own $time included
         accepted[u.distinct_id].append((u.time, i, raw))
         if u.is_delete:
             tomb[u.distinct_id] = max(u.time, tomb.get(u.distinct_id, -math.inf))
@@ -331,18 +331,24 @@ def test_delete_drops_later_arrivals_before_its_time() -> None:
     assert results[2].dropped == 3
 
 
-def test_update_at_delete_time_arriving_after_it_builds_new_profile() -> None:
+def test_update_at_delete_time_arriving_after_it_is_dropped() -> None:
+    """SPEC §4: an update arriving after a $delete at t with $time <= t is dropped, counted."""
     # delete_user() then set() in one browser batch: both get the receipt time
     delete = {"$token": TOKEN, "$distinct_id": "a", "$delete": ""}
     later = {"$token": TOKEN, "$distinct_id": "a", "$set": {"p": 2}}
     backend, results = run_memory([[[rec(0, set={"p": 1, "q": 1})]], [[delete, later]]])
-    assert backend.profile(TOKEN, "a") == {"p": 2, "$last_seen": format_time(NOW)}
-    assert results[1].dropped == 0
-    # in another request too, with an explicit $time
+    assert backend.profile(TOKEN, "a") is None
+    assert results[1].dropped == 1
+    # in a later request too, with an explicit $time; a second $delete at t is dropped as well
     backend, results = run_memory(
-        [[[rec(0, set={"q": 1})], [rec(10, delete=1)]], [[rec(10, set={"p": 1})]]]
+        [
+            [[rec(0, set={"q": 1})], [rec(10, delete=1)]],
+            [[rec(10, set={"p": 1}), rec(10, delete=1)]],
+            [[rec(10.001, set={"r": 1})]],
+        ]
     )
-    assert backend.profile(TOKEN, "a") == {"p": 1, "$last_seen": format_time(T0 + 10)}
+    assert results[2].dropped == 2
+    assert backend.profile(TOKEN, "a") == {"r": 1, "$last_seen": format_time(T0 + 10.001)}
 
 
 def test_update_at_delete_time_arriving_before_it_is_deleted() -> None:
@@ -392,7 +398,8 @@ def test_delete_of_missing_profile_creates_nothing() -> None:
         [[[rec(5, delete=1), rec(0, set={"p": 1}), rec(5, unset=["p"]), rec(6, remove={"l": 1})]]]
     )
     assert backend.profile(TOKEN, "a") is None
-    assert results[0].dropped == 1  # the tombstone stays: the older $set is dropped
+    # the tombstone stays: the older $set and the $unset at the delete's own $time are dropped
+    assert results[0].dropped == 2
 
 
 # --- the reorder window -----------------------------------------------------------------------
@@ -545,13 +552,19 @@ def test_retried_requests_change_nothing(data: st.DataObject) -> None:
 
 
 def test_retried_delete_changes_nothing() -> None:
-    # a resent $delete must not delete what was built after it at the same $time
+    # after a $delete at t, an update at t is dropped (SPEC §4), and so is a resent $delete
     delete = rec(10, delete=1)
     backend, results = run_memory(
-        [[[rec(0, set={"p": 1})]], [[delete]], [[rec(10, set={"q": 1})]], [[dict(delete)]]]
+        [
+            [[rec(0, set={"p": 1})]],
+            [[delete]],
+            [[rec(10, set={"q": 1})]],
+            [[dict(delete)]],
+            [[rec(11, set={"r": 1})]],
+        ]
     )
-    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 10)}
-    assert results[3].dropped == 1
+    assert results[2].dropped == 1 and results[3].dropped == 1
+    assert backend.profile(TOKEN, "a") == {"r": 1, "$last_seen": format_time(T0 + 11)}
 
 
 def test_retried_update_at_delete_time_changes_nothing() -> None:
@@ -568,8 +581,10 @@ def test_retry_of_first_of_two_deletes_at_same_time() -> None:
     backend, results = run_memory(
         [[[first, second]], [[rec(10, set={"q": 1})]], [[dict(first)], [dict(second)]]]
     )
-    assert backend.profile(TOKEN, "a") == {"q": 1, "$last_seen": format_time(T0 + 10)}
-    assert results[2].dropped == 1 and results[3].dropped == 1
+    assert backend.profile(TOKEN, "a") is None
+    # the second $delete arrives after the first, at its $time: dropped, as is all that follows
+    assert results[0].dropped == 1
+    assert results[1].dropped == 1 and results[2].dropped == 1 and results[3].dropped == 1
 
 
 # --- the log's length is bounded (max_log_entries) ----------------------------------------

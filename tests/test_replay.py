@@ -406,7 +406,7 @@ def geo_reference(groups: list[list[list[Raw]]], max_properties: int) -> Props |
             for u in request:
                 arrival += 1
                 key = orjson.dumps(group[q][u.index], option=orjson.OPT_SORT_KEYS)
-                if u.time < tomb or seen.get(key, (r, q)) != (r, q):
+                if u.time <= tomb or seen.get(key, (r, q)) != (r, q):
                     continue
                 seen[key] = (r, q)
                 accepted.append((u.time, arrival, u))

@@ -279,6 +279,7 @@ def test_profiles_survive_reopen(store: ProfileStore, db_url: str) -> None:
 
 
 def test_delete_then_same_time_update(store: ProfileStore) -> None:
+    # SPEC §4: after a $delete at t, what arrives with $time <= t is dropped (t included)
     delete = rec(10, delete=1)
     groups: Groups = [
         [[rec(0, set={"p": 1}), rec(10, set={"r": 1})]],
@@ -287,8 +288,11 @@ def test_delete_then_same_time_update(store: ProfileStore) -> None:
         [[dict(delete)]],
     ]
     results = run_store(store, groups)
-    assert read_back(store, TOKEN)["a"] == {"q": 1, "$last_seen": "2023-11-14T22:13:30"}
-    assert [r.dropped for r in results] == [0, 0, 0, 1, 1]
+    assert read_back(store, TOKEN)["a"] is None
+    assert [r.dropped for r in results] == [0, 0, 1, 1, 1]
+    results = run_store(store, [[[rec(11, set={"s": 1})]]])
+    assert read_back(store, TOKEN)["a"] == {"s": 1, "$last_seen": "2023-11-14T22:13:31"}
+    assert [r.dropped for r in results] == [0]
 
 
 def test_numbers_come_back_as_they_were_stored(store: ProfileStore) -> None:
