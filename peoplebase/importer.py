@@ -30,7 +30,7 @@ BATCH = 2000
 class ImportSummary:
     accepted: int = 0
     rejected: int = 0
-    unchanged: int = 0  # accepted records that changed nothing (retries, older than a delete)
+    unchanged: int = 0  # accepted records that changed nothing (retries, not later than a delete)
     rejections: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:

@@ -424,7 +424,8 @@ class Merger:
 
         Entries at exactly its time stay, under it (they arrived earlier, so every replay
         applies the delete after them), and so does the delete: their retry keys survive, so a
-        resend of any of them cannot erase what arrived after the delete at that same time.
+        resend of any of them is recognised as a retry (an update at the delete's time that
+        arrives after it is dropped anyway, SPEC §4).
         """
         row = prof.row
         t = entry.time

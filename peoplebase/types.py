@@ -82,6 +82,6 @@ class Applied:
     """What the writer reports for one request after its commit."""
 
     skips: dict[int, list[Skip]] = field(default_factory=dict)  # record index -> dynamic skips
-    dropped: int = 0  # records that changed nothing (retries, older than a delete)
+    dropped: int = 0  # records that changed nothing (retries, not later than a delete)
     late: int = 0  # records re-ordered into place
     beyond_window: int = 0  # records older than the reorder window, applied on top

@@ -551,6 +551,23 @@ def test_retried_requests_change_nothing(data: st.DataObject) -> None:
     assert profiles(backend) == before
 
 
+def test_delete_beyond_the_window_leaves_its_tombstone_at_the_newest_time() -> None:
+    """Recorded at the newest $time N (docs/ordering.md): what arrives after it at N is dropped."""
+    merger = Merger(reorder_window=10.0)
+    backend, results = run_memory(
+        [
+            [[rec(1000, set={"p": 1})]],
+            [[rec(1, delete=1)]],
+            [[rec(1000, set={"q": 1})]],
+            [[rec(1001, set={"r": 1})]],
+        ],
+        merger,
+    )
+    assert results[1].beyond_window == 1
+    assert results[2].dropped == 1 and results[3].dropped == 0
+    assert backend.profile(TOKEN, "a") == {"r": 1, "$last_seen": format_time(T0 + 1001)}
+
+
 def test_retried_delete_changes_nothing() -> None:
     # after a $delete at t, an update at t is dropped (SPEC §4), and so is a resent $delete
     delete = rec(10, delete=1)

@@ -8,7 +8,9 @@ those entries are dropped, and the file answers for them again. A single-profile
 here first; reads that scan the table ask the writer to write every row first (the store's
 `fresh`).
 
-One writer thread applies deltas, in commit order; readers on other threads only look up.
+Deltas are applied one at a time, in commit order (the writer process's answers are read in
+order, and each one's delta is applied before the next is read); readers on other threads
+only look up.
 """
 
 from __future__ import annotations
