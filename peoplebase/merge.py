@@ -422,10 +422,9 @@ class Merger:
     def _delete(self, backend: MergeBackend, prof: _Profile, entry: LogEntry) -> None:
         """Purge the log before the delete's time and log the delete itself.
 
-        Entries at exactly its time stay, under it (they arrived earlier, so every replay
-        applies the delete after them), and so does the delete: their retry keys survive, so a
-        resend of any of them is recognised as a retry (an update at the delete's time that
-        arrives after it is dropped anyway, SPEC §4).
+        Entries at exactly its time stay in the log, under it (they arrived earlier, so every
+        replay applies the delete after them), and so does the delete. What arrives after it
+        with that time is dropped by the tombstone (SPEC §4).
         """
         row = prof.row
         t = entry.time

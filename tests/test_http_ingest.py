@@ -627,7 +627,14 @@ async def test_event_endpoints_answer_zero(client: AppClient, path: str) -> None
 @pytest.mark.parametrize("path", ["/groups", "/groups/"])
 async def test_groups_answers_zero_and_stores_nothing(client: AppClient, path: str) -> None:
     """SPEC §1: /groups is accepted and answered, group profiles are not stored yet."""
-    update = {"$token": TOKEN, "$group_key": "company", "$group_id": "ev", "$set": {"a": 1}}
+    # a $distinct_id too: were the record applied as an /engage one, profile "ev" would exist
+    update = {
+        "$token": TOKEN,
+        "$distinct_id": "ev",
+        "$group_key": "company",
+        "$group_id": "Acme",
+        "$set": {"a": 1},
+    }
     r = await client.http.post(path, data={"data": json.dumps([update])})
     assert (r.status_code, r.text) == (200, "0")
     r = await client.http.get(path, params={"data": b64([update]), "verbose": "1"})
